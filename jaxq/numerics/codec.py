@@ -1,0 +1,90 @@
+"""Encoding real numbers into a format's codes and back, given a range.
+
+Everything here works on the *grouped form* of a tensor (see :mod:`tiling`):
+``lo`` and ``hi`` are keep-dims statistics that broadcast against ``xg``.
+One encode/decode pair serves every format, so range selection, the MSE clip
+search, fake quantization and the stored QArray all share the same numerics.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxq.numerics.formats import NF4_CODEBOOK, Format
+
+_TINY = 1e-30  # scales below this are treated as "all zero" and replaced by 1
+
+
+def _safe(scale: jax.Array) -> jax.Array:
+    # An all-zero group gives scale 0; any positive scale then encodes it exactly as 0.
+    return jnp.where(scale > _TINY, scale, jnp.ones_like(scale))
+
+
+def scale_and_zero_point(
+    lo: jax.Array, hi: jax.Array, fmt: Format, symmetric: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """Chooses scale (and zero point) so that ``[lo, hi]`` maps onto the code range.
+
+    Symmetric formats use ``max(|lo|, |hi|)``; asymmetric ones widen ``[lo, hi]``
+    to contain 0 so that zero stays exactly representable (padding, ReLU outputs).
+    The zero point is an integer-valued float in the code domain.
+    """
+    lo = lo.astype(jnp.float32)
+    hi = hi.astype(jnp.float32)
+    if fmt.kind == "int":
+        qmin, qmax = fmt.int_range(symmetric)
+        if symmetric:
+            return _safe(jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / qmax), None
+        lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
+        scale = _safe((hi - lo) / (qmax - qmin))
+        zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
+        return scale, zp
+    if fmt.kind in ("float", "codebook"):
+        return _safe(jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / fmt.max_value), None
+    raise ValueError(f"format {fmt.name!r} has no scale")
+
+
+def encode(
+    xg: jax.Array, scale: jax.Array, zero_point: jax.Array | None, fmt: Format, symmetric: bool
+) -> jax.Array:
+    """Real values -> codes in ``fmt.storage_dtype`` (unpacked: one code per element)."""
+    y = xg.astype(jnp.float32) / scale
+    if fmt.kind == "int":
+        qmin, qmax = fmt.int_range(symmetric)
+        if zero_point is not None:
+            y = y + zero_point
+        return jnp.clip(jnp.round(y), qmin, qmax).astype(jnp.int8)
+    if fmt.kind == "float":
+        return jnp.clip(y, -fmt.max_value, fmt.max_value).astype(fmt.storage_dtype)
+    if fmt.kind == "codebook":
+        book = jnp.asarray(NF4_CODEBOOK)
+        mids = (book[1:] + book[:-1]) / 2
+        idx = jnp.searchsorted(mids, jnp.clip(y, -1.0, 1.0), method="compare_all")
+        return (idx - 8).astype(jnp.int8)
+    raise ValueError(f"format {fmt.name!r} is not encoded with a scale")
+
+
+def decode(
+    q: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array | None,
+    fmt: Format,
+    dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:
+    """Codes -> real values in ``dtype`` (``scale`` must broadcast against ``q``)."""
+    if fmt.kind == "codebook":
+        v = jnp.asarray(NF4_CODEBOOK)[q.astype(jnp.int32) + 8]
+    else:
+        v = q.astype(jnp.float32)
+        if zero_point is not None:
+            v = v - zero_point
+    return (v * scale).astype(dtype)
+
+
+def fake_quantize(
+    xg: jax.Array, lo: jax.Array, hi: jax.Array, fmt: Format, symmetric: bool
+) -> jax.Array:
+    """``decode(encode(x))`` for the range ``[lo, hi]``, in float32."""
+    scale, zp = scale_and_zero_point(lo, hi, fmt, symmetric)
+    return decode(encode(xg, scale, zp, fmt, symmetric), scale, zp, fmt)

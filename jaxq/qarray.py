@@ -1,0 +1,209 @@
+"""`QArray`: a quantized tensor as a pytree (stored codes + scale [+ zero point]).
+
+The array children (``values``, ``scale``, ``zero_point``) are pytree leaves, so a
+QArray flows through ``jit``, ``vmap``, ``scan``, ``tree_map``, ``device_put`` and
+sharding like any array. Everything else is static metadata (:class:`QMeta`),
+stored with negative axes so that mapping over leading axes keeps it valid. The
+logical shape is derived from ``values`` (not stored), for the same reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.numerics import codec, ranges
+from jaxq.numerics.formats import Format, get_format
+from jaxq.numerics.packing import pack_int4, unpack_int4
+from jaxq.numerics.tiling import Tiling
+from jaxq.spec import QuantSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class QMeta:
+    """Static description of a QArray.
+
+    Attributes:
+      format: canonical format name.
+      dtype: logical (dequantized) dtype.
+      tiling: how ``scale`` tiles the tensor.
+      symmetric: whether there is no zero point.
+      pack_axis: negative axis along which two 4-bit codes share a byte, or None.
+    """
+
+    format: str
+    dtype: np.dtype
+    tiling: Tiling
+    symmetric: bool = True
+    pack_axis: int | None = None
+
+    @property
+    def fmt(self) -> Format:
+        return get_format(self.format)
+
+
+def _nbytes(a: Any) -> int:
+    if a is None:
+        return 0
+    return int(math.prod(a.shape)) * np.dtype(a.dtype).itemsize
+
+
+@jax.tree_util.register_pytree_node_class
+class QArray:
+    """A quantized tensor.
+
+    ``dequantize(q) == (codes - zero_point) * scale`` with ``scale`` broadcast by
+    the tiling (codes looked up in the codebook for nf4; a plain cast for bf16/fp16).
+    """
+
+    __slots__ = ("values", "scale", "zero_point", "meta")
+
+    def __init__(self, values: Any, scale: Any, zero_point: Any, meta: QMeta):
+        # No validation here: JAX rebuilds pytrees with placeholder leaves.
+        self.values = values
+        self.scale = scale
+        self.zero_point = zero_point
+        self.meta = meta
+
+    # --- pytree protocol ---------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.values, self.scale, self.zero_point), self.meta
+
+    @classmethod
+    def tree_unflatten(cls, meta, children):
+        return cls(*children, meta)
+
+    # --- logical view ------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.values.shape)
+        if self.meta.pack_axis is not None:
+            shape[self.meta.pack_axis] *= 2
+        return tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.values.shape)
+
+    @property
+    def size(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.meta.dtype
+
+    @property
+    def format(self) -> str:
+        return self.meta.format
+
+    @property
+    def nbytes(self) -> int:
+        """Real storage bytes: codes (packed or in their container) plus scales and zero points."""
+        return _nbytes(self.values) + _nbytes(self.scale) + _nbytes(self.zero_point)
+
+    @property
+    def codes(self) -> jax.Array:
+        """Unpacked integer codes (int8), one per logical element (int and codebook formats)."""
+        if self.meta.pack_axis is None:
+            return self.values
+        return unpack_int4(self.values, self.meta.pack_axis)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """The real-valued tensor, in ``dtype`` (default: the logical dtype)."""
+        dtype = self.meta.dtype if dtype is None else dtype
+        fmt = self.meta.fmt
+        if fmt.kind == "cast":
+            return self.values.astype(dtype)
+        tiling = self.meta.tiling
+        codes = self.codes
+        scale = tiling.scale_to_grouped(self.scale.astype(jnp.float32))
+        zp = None if self.zero_point is None else tiling.scale_to_grouped(self.zero_point)
+        x = codec.decode(tiling.to_grouped(codes), scale, zp, fmt, jnp.float32)
+        return x.reshape(self.shape).astype(dtype)
+
+    def __repr__(self) -> str:
+        t = self.meta.tiling
+        gran = f"group={t.group_size}@{t.group_axis}" if t.group_size else f"channels={t.channel_axes}"
+        zp = ", zero_point" if self.zero_point is not None else ""
+        return (
+            f"QArray({self.meta.format}, shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
+            f"{gran}{zp}, nbytes={self.nbytes})"
+        )
+
+
+def is_qarray(x: Any) -> bool:
+    return isinstance(x, QArray)
+
+
+def _choose_pack_axis(shape: Sequence[int], tiling: Tiling) -> int | None:
+    """Packs along the contraction axis: the group axis, else -2, else any even axis."""
+    ndim = len(shape)
+    candidates = []
+    if tiling.group_axis is not None:
+        candidates.append(tiling.group_axis)
+    if ndim >= 2:
+        candidates.append(-2)
+    candidates += [a - ndim for a in range(ndim - 1, -1, -1)]
+    for a in candidates:
+        if shape[a] % 2 == 0:
+            return a
+    return None  # odd everywhere: keep one code per byte (nbytes says so)
+
+
+def quantize_array(
+    x: jax.Array,
+    spec: QuantSpec,
+    *,
+    where: str = "",
+    scale: jax.Array | None = None,
+    zero_point: jax.Array | None = None,
+) -> "QArray | jax.Array":
+    """Quantizes one tensor according to ``spec``.
+
+    Args:
+      x: a floating-point array (or tracer).
+      spec: the quantization spec.
+      where: a name for error messages (the parameter path).
+      scale: optional precomputed scale in the stored scale shape (e.g. a scale
+        learned by quantization-aware training); the range method is then skipped.
+      zero_point: optional precomputed zero point (asymmetric formats).
+
+    Returns:
+      A :class:`QArray`, or ``x`` itself for the fp32 (untouched) format.
+    """
+    fmt = spec.fmt
+    if fmt.kind == "none":
+        return x
+    logical_dtype = np.dtype(x.dtype)
+    if fmt.kind == "cast":
+        return QArray(x.astype(fmt.storage_dtype), None, None, QMeta(fmt.name, logical_dtype, Tiling()))
+    tiling = spec.tiling(x.shape, where)
+    xg = tiling.to_grouped(x)
+    if scale is None:
+        axes = tiling.reduce_axes(x.ndim)
+        lo, hi = ranges.select_range(xg, axes, spec.range_method, fmt, spec.symmetric, spec.percentile)
+        scale_g, zp_g = codec.scale_and_zero_point(lo, hi, fmt, spec.symmetric)
+    else:
+        expected = tiling.scale_shape(x.shape)
+        if tuple(scale.shape) != expected:
+            raise ValueError(
+                f"scale for {where or 'tensor'} of shape {tuple(x.shape)} has shape "
+                f"{tuple(scale.shape)}; {spec.granularity} {fmt.name} needs {expected}"
+            )
+        scale_g = tiling.scale_to_grouped(jnp.abs(scale.astype(jnp.float32)))
+        zp_g = None if zero_point is None else tiling.scale_to_grouped(zero_point.astype(jnp.float32))
+        if zp_g is None and not spec.symmetric:
+            raise ValueError(f"asymmetric spec for {where or 'tensor'} needs a zero_point with its scale")
+    codes = codec.encode(xg, scale_g, zp_g, fmt, spec.symmetric).reshape(x.shape)
+    pack_axis = _choose_pack_axis(x.shape, tiling) if fmt.packed else None
+    values = codes if pack_axis is None else pack_int4(codes, pack_axis)
+    stored_scale = tiling.scale_from_grouped(scale_g).astype(spec.scale_dtype)
+    stored_zp = None if zp_g is None else tiling.scale_from_grouped(zp_g).astype(spec.scale_dtype)
+    meta = QMeta(fmt.name, logical_dtype, tiling, spec.symmetric, pack_axis)
+    return QArray(values, stored_scale, stored_zp, meta)

@@ -1,0 +1,108 @@
+"""`QuantSpec`: how to quantize one tensor (format, granularity, symmetry, range method).
+
+Specs are frozen and validated on construction, so a bad setting fails where it
+is written, not deep inside a jitted function. A spec says nothing about *which*
+tensors it applies to; that is the job of :mod:`jaxq.policy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Sequence
+
+import numpy as np
+
+from jaxq.numerics.formats import Format, get_format
+from jaxq.numerics.ranges import RANGE_METHODS
+from jaxq.numerics.tiling import Tiling
+
+Granularity = Literal["per_tensor", "per_channel", "per_group", "per_token"]
+GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel", "per_group", "per_token")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize one tensor.
+
+    Attributes:
+      format: storage format name (see :func:`jaxq.numerics.format_names`), e.g.
+        ``"int8"``, ``"int4"``, ``"nf4"``, ``"fp8_e4m3"``, ``"bf16"``.
+      granularity: ``"per_tensor"``, ``"per_channel"`` (one scale per index of
+        ``channel_axes``), ``"per_group"`` (groups of ``group_size`` along
+        ``group_axis``, and per channel), or ``"per_token"`` (activations: one
+        scale per row, i.e. all axes but the last are channels).
+      group_size: elements per group for ``"per_group"``.
+      symmetric: symmetric (no zero point) or asymmetric (with a zero point).
+      range_method: ``"absmax"``, ``"minmax"``, ``"percentile"`` or ``"mse"``.
+      percentile: the percentile for ``range_method="percentile"``.
+      channel_axes: axes with their own scale; ``None`` means the last axis (the
+        output channel of a Flax ``Dense``/``Conv`` kernel). Add the layer axis
+        of a stacked (scanned) kernel here, e.g. ``(0, -1)``.
+      group_axis: the axis cut into groups; ``-2`` is the input (contraction)
+        axis of Flax ``Dense`` and ``Conv`` kernels.
+      scale_dtype: dtype of the stored scales.
+    """
+
+    format: str = "int8"
+    granularity: Granularity = "per_channel"
+    group_size: int | None = None
+    symmetric: bool = True
+    range_method: str = "absmax"
+    percentile: float = 99.9
+    channel_axes: tuple[int, ...] | None = None
+    group_axis: int = -2
+    scale_dtype: str = "float32"
+
+    def __post_init__(self):
+        fmt = get_format(self.format)  # raises on unknown formats, with the list
+        object.__setattr__(self, "format", fmt.name)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+        if self.granularity == "per_group":
+            if not isinstance(self.group_size, int) or self.group_size <= 0:
+                raise ValueError(f"per_group needs a positive integer group_size, got {self.group_size!r}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size={self.group_size} needs granularity='per_group', not {self.granularity!r}")
+        if self.range_method not in RANGE_METHODS:
+            raise ValueError(f"unknown range_method {self.range_method!r}; choose one of {RANGE_METHODS}")
+        if not self.symmetric and fmt.kind in ("float", "codebook"):
+            raise ValueError(f"format {fmt.name!r} is symmetric only; set symmetric=True or use an int format")
+        if self.channel_axes is not None:
+            object.__setattr__(self, "channel_axes", tuple(int(a) for a in self.channel_axes))
+        np.dtype(self.scale_dtype)  # raises on a bad dtype name
+
+    @property
+    def fmt(self) -> Format:
+        return get_format(self.format)
+
+    def replace(self, **changes) -> "QuantSpec":
+        return dataclasses.replace(self, **changes)
+
+    def tiling(self, shape: Sequence[int], where: str = "") -> Tiling:
+        """The scale tiling this spec gives a tensor of ``shape`` (validated)."""
+        ndim = len(shape)
+        if self.granularity == "per_tensor":
+            chans: Sequence[int] = self.channel_axes or ()
+        elif self.granularity == "per_token":
+            chans = tuple(range(ndim - 1))
+        else:
+            chans = self.channel_axes if self.channel_axes is not None else ((-1,) if ndim else ())
+        if self.granularity == "per_group":
+            return Tiling.make(shape, chans, self.group_axis, self.group_size, where=where)
+        return Tiling.make(shape, chans, where=where)
+
+    @property
+    def bits(self) -> int:
+        return self.fmt.bits
+
+
+def as_spec(spec: "QuantSpec | str | None") -> "QuantSpec | None":
+    """Accepts a spec, a short name (``"int8"``, ``"int4-g128"``, ``"nf4-g64"``), or None."""
+    if spec is None or isinstance(spec, QuantSpec):
+        return spec
+    if isinstance(spec, str):
+        name, _, group = spec.partition("-g")
+        if group:
+            return QuantSpec(format=name, granularity="per_group", group_size=int(group))
+        return QuantSpec(format=name)
+    raise TypeError(f"expected a QuantSpec or a format name, got {type(spec).__name__}")
