@@ -57,7 +57,9 @@ class _Writer:
         self.offset = 0
 
     def array(self, a: Any) -> dict:
-        arr = np.ascontiguousarray(np.asarray(jax.device_get(a)))
+        arr = np.asarray(jax.device_get(a))
+        if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+            arr = arr.copy(order="C")
         data = arr.tobytes()
         entry = {
             "dtype": _dtype_name(arr.dtype),
