@@ -1,0 +1,166 @@
+"""Drop-in ``dot_general`` / ``einsum`` / ``conv_general_dilated`` that accept QArrays.
+
+Their signatures match ``jax.lax`` (plus keyword-only quantization options), so
+they plug into Flax's official hooks (``Dense(dot_general=...)``,
+``Einsum(einsum_op=...)``, ``Conv(conv_general_dilated=...)``). Plain arrays go
+straight to ``jax.lax``. A QArray weight takes the fastest exact route:
+
+* a Dense-style contraction (last axes of ``x`` with leading axes of ``w``) goes
+  to :func:`jaxq.ops.qmatmul` (kernels, int8 dots, scales after the dot);
+* a convolution with per-output-channel scales convolves the codes and scales
+  the output; W8A8 convolutions run an int8 x int8 -> int32 convolution;
+* anything else dequantizes the weight inside the jitted computation (XLA fuses
+  the conversion into the consumer) and, for W8A8 specs, fake-quantizes the
+  activations so that the numerics stay those of the quantized model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxq.ops.activations import quantize_activation
+from jaxq.ops.qmatmul import qmatmul
+from jaxq.qarray import QArray, QMeta
+from jaxq.spec import QuantSpec
+from jaxq.numerics.tiling import Tiling
+
+
+def _fake_quant_activation(x: jax.Array, act_spec: QuantSpec | None, act_scale) -> jax.Array:
+    if act_spec is None:
+        return x
+    xq, xs = quantize_activation(x, act_spec, act_scale)
+    # Straight-through: forward uses the int8 grid, backward sees the identity.
+    return x + jax.lax.stop_gradient(xq.astype(jnp.float32) * xs - x).astype(x.dtype)
+
+
+def _as_matrix(w: QArray, n_contract: int) -> QArray | None:
+    """Views a weight whose first ``n_contract`` axes are contracted as (K, N), if exact.
+
+    Exact when the contracted axes share their scales (per-tensor, or per-channel
+    on output axes only) and the codes are not packed across the reshaped axes.
+    """
+    if w.ndim == 2 and n_contract == 1:
+        return w
+    t = w.meta.tiling
+    if w.meta.fmt.kind != "int" or w.meta.pack_axis is not None or t.group_axis is not None:
+        return None
+    if any(a % w.ndim < n_contract for a in t.channel_axes):
+        return None
+    k = math.prod(w.shape[:n_contract])
+    out_shape = (1,) * n_contract + tuple(w.shape[n_contract:])
+
+    def flat(a):
+        return None if a is None else jnp.broadcast_to(a, out_shape).reshape(1, -1)
+
+    meta = QMeta(w.meta.format, w.meta.dtype, Tiling((-1,)), w.meta.symmetric, None)
+    return QArray(w.values.reshape(k, -1), flat(w.scale), flat(w.zero_point), meta)
+
+
+def dot_general(
+    lhs: jax.Array,
+    rhs: jax.Array | QArray,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    *,
+    act_spec: QuantSpec | None = None,
+    act_scale: jax.Array | None = None,
+    impl: str | None = None,
+    **unused: Any,
+) -> jax.Array:
+    """``jax.lax.dot_general`` that also takes a QArray ``rhs`` (see module docstring)."""
+    if not isinstance(rhs, QArray):
+        if act_spec is not None:
+            lhs = _fake_quant_activation(lhs, act_spec, act_scale)
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc = tuple(a % lhs.ndim for a in lc), tuple(a % rhs.ndim for a in rc)
+    n = len(rc)
+    dense_like = (
+        not lb and not rb
+        and rc == tuple(range(n))
+        and lc == tuple(range(lhs.ndim - n, lhs.ndim))
+    )
+    out_dtype = preferred_element_type or lhs.dtype
+    if dense_like:
+        w2 = _as_matrix(rhs, n)
+        if w2 is not None and (act_spec is None or w2.meta.fmt.kind == "int"):
+            x2 = lhs.reshape(*lhs.shape[: lhs.ndim - n], -1)
+            y = qmatmul(x2, w2, act_spec=act_spec, act_scale=act_scale, impl=impl, out_dtype=out_dtype)
+            return y.reshape(*lhs.shape[: lhs.ndim - n], *rhs.shape[n:])
+    x = _fake_quant_activation(lhs, act_spec, act_scale)
+    return jax.lax.dot_general(x, rhs.dequantize(lhs.dtype), dimension_numbers, precision, preferred_element_type)
+
+
+def einsum(subscripts: str, *operands: Any, precision: Any = None, preferred_element_type: Any = None,
+           act_spec: QuantSpec | None = None, act_scale: jax.Array | None = None, **kwargs: Any) -> jax.Array:
+    """``jnp.einsum`` that accepts QArray operands (dequantized inside the computation)."""
+    ops = []
+    for i, op in enumerate(operands):
+        if isinstance(op, QArray):
+            ops.append(op.dequantize())
+        elif i == 0 and act_spec is not None:
+            ops.append(_fake_quant_activation(op, act_spec, act_scale))
+        else:
+            ops.append(op)
+    kw = {k: v for k, v in kwargs.items() if k in ("optimize", "out_sharding")}
+    return jnp.einsum(subscripts, *ops, precision=precision, preferred_element_type=preferred_element_type, **kw)
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array | QArray,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    *,
+    act_spec: QuantSpec | None = None,
+    act_scale: jax.Array | None = None,
+) -> jax.Array:
+    """``jax.lax.conv_general_dilated`` that also takes a QArray kernel.
+
+    Per-output-channel weights convolve the integer codes and scale the output
+    (no float copy of the kernel); with an int8 activation spec the convolution
+    itself runs on int8 x int8 with int32 accumulation (activation scales must be
+    per tensor: a receptive field mixes pixels, so per-pixel scales cannot factor
+    out). Sub-channel (per-group) kernels are dequantized inside the computation.
+    """
+    conv = lambda x, w, pet=preferred_element_type: jax.lax.conv_general_dilated(  # noqa: E731
+        x, w, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, pet)
+    if not isinstance(rhs, QArray):
+        return conv(_fake_quant_activation(lhs, act_spec, act_scale), rhs)
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    out_feature_axis_w = dn.rhs_spec[0]
+    out_feature_axis_y = dn.out_spec[1]
+    t = rhs.meta.tiling
+    per_out_channel = (
+        rhs.meta.fmt.kind == "int" and rhs.zero_point is None and t.group_axis is None
+        and t.channel_axes in ((), (out_feature_axis_w - rhs.ndim,))
+    )
+    if not per_out_channel:
+        return conv(_fake_quant_activation(lhs, act_spec, act_scale), rhs.dequantize(lhs.dtype))
+    out_dtype = preferred_element_type or lhs.dtype
+    scale_shape = [1] * lhs.ndim
+    scale_shape[out_feature_axis_y] = -1
+    w_scale = rhs.scale.astype(jnp.float32).reshape(scale_shape)
+    if act_spec is not None:
+        spec = act_spec if act_spec.granularity == "per_tensor" else act_spec.replace(granularity="per_tensor")
+        xq, xs = quantize_activation(jax.lax.stop_gradient(lhs), spec, act_scale)
+        acc = conv(xq, rhs.codes, jnp.int32).astype(jnp.float32)
+        y = (acc * xs.reshape(()) * w_scale).astype(out_dtype)
+        # Straight-through gradient for the activations, through the dequantized kernel.
+        y_float = conv(lhs, jax.lax.stop_gradient(rhs.dequantize(lhs.dtype)))
+        return y_float + jax.lax.stop_gradient(y - y_float)
+    acc = conv(lhs, rhs.codes.astype(lhs.dtype), jnp.float32)
+    return (acc * w_scale).astype(out_dtype)

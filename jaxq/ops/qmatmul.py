@@ -1,0 +1,197 @@
+"""`qmatmul`: ``x @ w`` where ``w`` is a :class:`~jaxq.QArray`, on any backend.
+
+The XLA path never materialises a float copy of the weights when it can avoid it:
+
+* per-channel weights: ``(x @ codes) * scale`` - the scale is applied to the
+  output, so XLA only converts the codes (and fuses that into the dot on GPU);
+* per-group weights with few rows: partial dots per group, scaled, then summed;
+  with many rows the weights are dequantized once (cheaper than M partial sums);
+* W8A8: activations quantized to int8 (per token or with a static scale), an
+  ``int8 x int8 -> int32`` ``dot_general``, then the scales in the epilogue.
+
+:func:`choose_impl` picks XLA or a Pallas kernel (see ``jaxq.kernels``). The op is
+differentiable: the input gradient goes through the dequantized weights (a
+straight-through estimator for the activation rounding), so it serves QAT and
+fine-tuning too. Weights get no gradient (they are integer codes).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.ops.activations import check_activation_spec, quantize_activation
+from jaxq.qarray import QArray, QMeta
+from jaxq.spec import QuantSpec
+
+IMPLS = ("xla", "interpret", "pallas")
+
+
+def _check_weight(w: QArray, k: int) -> None:
+    if not isinstance(w, QArray):
+        raise TypeError(f"qmatmul expects a QArray weight, got {type(w).__name__}; use jnp.dot for float weights")
+    if w.ndim != 2:
+        raise ValueError(f"qmatmul expects a 2-D (K, N) weight, got shape {w.shape}")
+    if w.shape[0] != k:
+        raise ValueError(f"x has {k} features but the weight has shape {w.shape} (K, N); they must agree")
+    t = w.meta.tiling
+    if w.meta.fmt.kind != "cast" and (t.channel_axes not in ((), (-1,)) or t.group_axis not in (None, -2)):
+        raise ValueError(
+            f"qmatmul needs scales per output channel or per group along K; this weight has {t}. "
+            "Dequantize it, or quantize with channel_axes=(-1,), group_axis=-2"
+        )
+
+
+# --- XLA paths ---------------------------------------------------------------------------
+def _weight_only_xla(x2: jax.Array, w: QArray, out_dtype) -> jax.Array:
+    fmt = w.meta.fmt
+    cdt = x2.dtype
+    if fmt.kind == "cast":
+        return jnp.dot(x2, w.values.astype(cdt), preferred_element_type=jnp.float32).astype(out_dtype)
+    if fmt.kind == "codebook":
+        return jnp.dot(x2, w.dequantize(cdt), preferred_element_type=jnp.float32).astype(out_dtype)
+    codes = w.codes.astype(cdt)
+    scale, zp = w.scale.astype(jnp.float32), w.zero_point
+    t = w.meta.tiling
+    m, k = x2.shape
+    if t.group_size is None:
+        acc = jnp.dot(x2, codes, preferred_element_type=jnp.float32)
+        if zp is not None:
+            acc = acc - jnp.sum(x2.astype(jnp.float32), axis=1, keepdims=True) * zp
+        return (acc * scale).astype(out_dtype)
+    g = t.group_size
+    if m > g:  # M partial sums of shape (G, N) would cost more than one dequantized copy
+        return jnp.dot(x2, w.dequantize(cdt), preferred_element_type=jnp.float32).astype(out_dtype)
+    xg = x2.reshape(m, k // g, g)
+    acc = jnp.einsum("mGg,GgN->mGN", xg, codes.reshape(k // g, g, -1), preferred_element_type=jnp.float32)
+    if zp is not None:
+        acc = acc - jnp.sum(xg.astype(jnp.float32), axis=2)[..., None] * zp
+    return jnp.sum(acc * scale, axis=1).astype(out_dtype)
+
+
+def _w8a8_xla(xq: jax.Array, x_scale: jax.Array, w: QArray, out_dtype) -> jax.Array:
+    codes = w.codes
+    scale, zp = w.scale.astype(jnp.float32), w.zero_point
+    t = w.meta.tiling
+    m, k = xq.shape
+    if t.group_size is None:
+        acc = jax.lax.dot_general(xq, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+        acc = acc.astype(jnp.float32)
+        if zp is not None:
+            acc = acc - jnp.sum(xq.astype(jnp.int32), axis=1, keepdims=True).astype(jnp.float32) * zp
+        return (acc * x_scale * scale).astype(out_dtype)
+    g = t.group_size
+    xg = xq.reshape(m, k // g, g)
+    acc = jnp.einsum("mGg,GgN->mGN", xg, codes.reshape(k // g, g, -1), preferred_element_type=jnp.int32)
+    acc = acc.astype(jnp.float32)
+    if zp is not None:
+        acc = acc - jnp.sum(xg.astype(jnp.int32), axis=2)[..., None].astype(jnp.float32) * zp
+    return (jnp.sum(acc * scale, axis=1) * x_scale).astype(out_dtype)
+
+
+# --- dispatch ----------------------------------------------------------------------------
+def choose_impl(m: int, k: int, n: int, meta: QMeta, act_spec: QuantSpec | None, impl: str | None) -> str:
+    """Which implementation runs: ``"xla"``, ``"interpret"`` or ``"pallas"``.
+
+    ``impl`` forces a choice. Automatic dispatch keeps XLA unless a kernel is known
+    to win for this backend and shape (so the quantized op is never slower than XLA).
+    """
+    if impl is not None:
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+        return impl
+    try:
+        from jaxq.kernels import dispatch as kernel_dispatch  # optional: kernels may be absent
+    except ImportError:
+        return "xla"
+    return kernel_dispatch.auto_impl(m, k, n, meta, act_spec)
+
+
+def _kernel_matmul(impl, x2, w, act_spec, act_scale, out_dtype):
+    from jaxq.kernels import dispatch as kernel_dispatch
+
+    return kernel_dispatch.run(impl, x2, w, act_spec, act_scale, out_dtype)
+
+
+def _forward(x2, w, act_spec, act_scale, impl, out_dtype):
+    if impl != "xla":
+        return _kernel_matmul(impl, x2, w, act_spec, act_scale, out_dtype)
+    if act_spec is None:
+        return _weight_only_xla(x2, w, out_dtype)
+    xq, xs = quantize_activation(x2, act_spec, act_scale)
+    return _w8a8_xla(xq, xs, w, out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _qmatmul_vjp(x2, values, scale, zero_point, meta, act_spec, impl, out_dtype, x_dtype, act_scale=None):
+    return _forward(x2, QArray(values, scale, zero_point, meta), act_spec, act_scale, impl, out_dtype)
+
+
+def _qmatmul_fwd(x2, values, scale, zero_point, meta, act_spec, impl, out_dtype, x_dtype, act_scale=None):
+    y = _forward(x2, QArray(values, scale, zero_point, meta), act_spec, act_scale, impl, out_dtype)
+    return y, (values, scale, zero_point, act_scale)
+
+
+def _zero_cotangent(a):
+    if a is None:
+        return None
+    if jnp.issubdtype(a.dtype, jnp.floating):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, dtype=jax.dtypes.float0)
+
+
+def _qmatmul_bwd(meta, act_spec, impl, out_dtype, x_dtype, res, g):
+    values, scale, zero_point, act_scale = res
+    w = QArray(values, scale, zero_point, meta).dequantize(jnp.float32)
+    dx = jnp.dot(g.astype(jnp.float32), w.T).astype(x_dtype)
+    return (dx, _zero_cotangent(values), _zero_cotangent(scale), _zero_cotangent(zero_point),
+            _zero_cotangent(act_scale))
+
+
+_qmatmul_vjp.defvjp(_qmatmul_fwd, _qmatmul_bwd)
+
+
+def qmatmul(
+    x: jax.Array,
+    w: QArray,
+    *,
+    act_spec: QuantSpec | None = None,
+    act_scale: jax.Array | None = None,
+    impl: str | None = None,
+    out_dtype: Any = None,
+) -> jax.Array:
+    """Computes ``x @ w`` for a quantized weight.
+
+    Args:
+      x: activations ``[..., K]`` (f32 or bf16).
+      w: a 2-D :class:`QArray` of logical shape ``(K, N)`` with per-channel or
+        per-group (along K) scales - what ``jaxq.quantize`` gives a Dense kernel.
+      act_spec: ``None`` for weight-only; an int8 spec (``per_token`` or
+        ``per_tensor``) for W8A8.
+      act_scale: a static (calibrated) activation scale; ``None`` computes it per call.
+      impl: ``"xla"``, ``"interpret"`` (Pallas kernel in interpret mode),
+        ``"pallas"`` (compiled kernel), or ``None`` to choose automatically.
+      out_dtype: output dtype (default: ``x.dtype``).
+
+    Returns:
+      ``[..., N]`` in ``out_dtype``.
+    """
+    *lead, k = x.shape
+    _check_weight(w, k)
+    if act_spec is not None:
+        check_activation_spec(act_spec)
+        if w.meta.fmt.kind != "int":
+            raise ValueError(f"W8A8 needs integer weights, got {w.format}; use weight-only (act_spec=None)")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    x2 = x.reshape(-1, k)
+    if act_scale is not None:
+        act_scale = jnp.asarray(act_scale, jnp.float32).reshape(1, 1)
+    chosen = choose_impl(x2.shape[0], k, w.shape[1], w.meta, act_spec, impl)
+    y = _qmatmul_vjp(
+        x2, w.values, w.scale, w.zero_point, w.meta, act_spec, chosen, jnp.dtype(out_dtype), x2.dtype, act_scale
+    )
+    return y.reshape(*lead, w.shape[1])
