@@ -15,6 +15,7 @@ than return damaged weights.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import numpy as np
 from jaxq.numerics.formats import get_format
 from jaxq.numerics.tiling import Tiling
 from jaxq.qarray import QArray, QMeta
+from jaxq.spec import QuantSpec
 
 MAGIC = b"JAXQCKPT"
 VERSION = 1
@@ -84,6 +86,7 @@ class _Writer:
                     "channel_axes": list(m.tiling.channel_axes),
                     "group_axis": m.tiling.group_axis,
                     "group_size": m.tiling.group_size,
+                    "act_spec": None if m.act_spec is None else dataclasses.asdict(m.act_spec),
                     "values": self.array(node.values),
                     "scale": None if node.scale is None else self.array(node.scale),
                     "zero_point": None if node.zero_point is None else self.array(node.zero_point),
@@ -180,7 +183,10 @@ def load(path: str | os.PathLike) -> Any:
             q = node["__qarray__"]
             tiling = Tiling(tuple(q["channel_axes"]), q["group_axis"], q["group_size"])
             get_format(q["format"])
-            meta = QMeta(q["format"], _dtype_from_name(q["dtype"]), tiling, q["symmetric"], q["pack_axis"])
+            act = q.get("act_spec")
+            if act is not None:
+                act = QuantSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in act.items()})
+            meta = QMeta(q["format"], _dtype_from_name(q["dtype"]), tiling, q["symmetric"], q["pack_axis"], act)
             return QArray(
                 array(q["values"], where + "/values"),
                 None if q["scale"] is None else array(q["scale"], where + "/scale"),

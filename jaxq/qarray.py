@@ -34,6 +34,9 @@ class QMeta:
       tiling: how ``scale`` tiles the tensor.
       symmetric: whether there is no zero point.
       pack_axis: negative axis along which two 4-bit codes share a byte, or None.
+      act_spec: how the activations that meet this weight in a matmul are
+        quantized (W8A8), as chosen by the policy rule; ``None`` for weight-only.
+        The ops read it, so a quantized tree carries its own serving recipe.
     """
 
     format: str
@@ -41,6 +44,7 @@ class QMeta:
     tiling: Tiling
     symmetric: bool = True
     pack_axis: int | None = None
+    act_spec: QuantSpec | None = None
 
     @property
     def fmt(self) -> Format:
@@ -163,6 +167,7 @@ def quantize_array(
     where: str = "",
     scale: jax.Array | None = None,
     zero_point: jax.Array | None = None,
+    act_spec: QuantSpec | None = None,
 ) -> "QArray | jax.Array":
     """Quantizes one tensor according to ``spec``.
 
@@ -173,6 +178,7 @@ def quantize_array(
       scale: optional precomputed scale in the stored scale shape (e.g. a scale
         learned by quantization-aware training); the range method is then skipped.
       zero_point: optional precomputed zero point (asymmetric formats).
+      act_spec: activation spec recorded in the metadata for W8A8 serving.
 
     Returns:
       A :class:`QArray`, or ``x`` itself for the fp32 (untouched) format.
@@ -182,7 +188,8 @@ def quantize_array(
         return x
     logical_dtype = np.dtype(x.dtype)
     if fmt.kind == "cast":
-        return QArray(x.astype(fmt.storage_dtype), None, None, QMeta(fmt.name, logical_dtype, Tiling()))
+        meta = QMeta(fmt.name, logical_dtype, Tiling(), act_spec=act_spec)
+        return QArray(x.astype(fmt.storage_dtype), None, None, meta)
     tiling = spec.tiling(x.shape, where)
     xg = tiling.to_grouped(x)
     if scale is None:
@@ -205,5 +212,5 @@ def quantize_array(
     values = codes if pack_axis is None else pack_int4(codes, pack_axis)
     stored_scale = tiling.scale_from_grouped(scale_g).astype(spec.scale_dtype)
     stored_zp = None if zp_g is None else tiling.scale_from_grouped(zp_g).astype(spec.scale_dtype)
-    meta = QMeta(fmt.name, logical_dtype, tiling, spec.symmetric, pack_axis)
+    meta = QMeta(fmt.name, logical_dtype, tiling, spec.symmetric, pack_axis, act_spec)
     return QArray(values, stored_scale, stored_zp, meta)

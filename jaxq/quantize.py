@@ -143,7 +143,9 @@ def quantize(
             _check_finite(leaf, path)
         scale, zp = _lookup_scale(scales, path)
         try:
-            q = quantize_array(leaf, rule.weight, where=path, scale=scale, zero_point=zp)
+            q = quantize_array(
+                leaf, rule.weight, where=path, scale=scale, zero_point=zp, act_spec=rule.activation
+            )
         except ValueError as e:
             msg = str(e)
             raise ValueError(msg if path in msg else f"{path} (shape {shape}): {msg}") from None

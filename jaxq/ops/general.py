@@ -77,6 +77,7 @@ def dot_general(
         if act_spec is not None:
             lhs = _fake_quant_activation(lhs, act_spec, act_scale)
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    act_spec = act_spec if act_spec is not None else rhs.meta.act_spec
     (lc, rc), (lb, rb) = dimension_numbers
     lc, rc = tuple(a % lhs.ndim for a in lc), tuple(a % rhs.ndim for a in rc)
     n = len(rc)
@@ -102,6 +103,7 @@ def einsum(subscripts: str, *operands: Any, precision: Any = None, preferred_ele
     ops = []
     for i, op in enumerate(operands):
         if isinstance(op, QArray):
+            act_spec = act_spec if act_spec is not None else op.meta.act_spec
             ops.append(op.dequantize())
         elif i == 0 and act_spec is not None:
             ops.append(_fake_quant_activation(op, act_spec, act_scale))
@@ -140,6 +142,7 @@ def conv_general_dilated(
         feature_group_count, batch_group_count, precision, pet)
     if not isinstance(rhs, QArray):
         return conv(_fake_quant_activation(lhs, act_spec, act_scale), rhs)
+    act_spec = act_spec if act_spec is not None else rhs.meta.act_spec
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     out_feature_axis_w = dn.rhs_spec[0]
     out_feature_axis_y = dn.out_spec[1]

@@ -170,8 +170,9 @@ def qmatmul(
       x: activations ``[..., K]`` (f32 or bf16).
       w: a 2-D :class:`QArray` of logical shape ``(K, N)`` with per-channel or
         per-group (along K) scales - what ``jaxq.quantize`` gives a Dense kernel.
-      act_spec: ``None`` for weight-only; an int8 spec (``per_token`` or
-        ``per_tensor``) for W8A8.
+      act_spec: an int8 spec (``per_token`` or ``per_tensor``) for W8A8; ``None``
+        uses the spec recorded in ``w.meta.act_spec`` by the policy (weight-only
+        when that is ``None`` too).
       act_scale: a static (calibrated) activation scale; ``None`` computes it per call.
       impl: ``"xla"``, ``"interpret"`` (Pallas kernel in interpret mode),
         ``"pallas"`` (compiled kernel), or ``None`` to choose automatically.
@@ -182,6 +183,7 @@ def qmatmul(
     """
     *lead, k = x.shape
     _check_weight(w, k)
+    act_spec = act_spec if act_spec is not None else w.meta.act_spec
     if act_spec is not None:
         check_activation_spec(act_spec)
         if w.meta.fmt.kind != "int":
