@@ -1,0 +1,143 @@
+"""Numerics: round-trip bounds, exact zero, idempotence (property-based), SQNR floors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxq
+from jaxq import QuantSpec
+from jaxq.numerics import codec, ranges
+from jaxq.numerics.packing import pack_int4, unpack_int4
+
+INT_FORMATS = ["int8", "int4", "int3", "int2"]
+
+
+def sqnr_db(x, y):
+    x = np.asarray(x, np.float64)
+    return 10 * np.log10(np.sum(x**2) / np.sum((x - np.asarray(y, np.float64)) ** 2))
+
+
+@st.composite
+def tensor_and_spec(draw, formats=tuple(INT_FORMATS)):
+    """A random tensor with a matching spec: rank 1-3, any channel axis, groups dividing the axis."""
+    rank = draw(st.integers(1, 3))
+    shape = [draw(st.sampled_from([4, 8])) for _ in range(rank)]  # few shapes: compile caches hit
+    fmt = draw(st.sampled_from(formats))
+    symmetric = draw(st.booleans()) if jaxq.numerics.get_format(fmt).kind == "int" else True
+    gran = draw(st.sampled_from(["per_tensor", "per_channel", "per_group"] if rank >= 2 else ["per_tensor", "per_channel"]))
+    kw = {}
+    if gran == "per_channel":
+        kw["channel_axes"] = (draw(st.integers(-rank, rank - 1)),)
+    if gran == "per_group":
+        g_axis = draw(st.integers(0, rank - 1))
+        n = shape[g_axis]
+        kw["group_size"] = draw(st.sampled_from([d for d in (1, 2, 4, 8) if n % d == 0]))
+        kw["group_axis"] = g_axis
+        others = [a for a in range(rank) if a != g_axis]
+        kw["channel_axes"] = (others[-1],) if others else ()
+    spec = QuantSpec(fmt, granularity=gran, symmetric=symmetric, **kw)
+    seed = draw(st.integers(0, 2**16))
+    scale = draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32) * scale
+    return x, spec
+
+
+@settings(max_examples=40, deadline=None)
+@given(tensor_and_spec())
+def test_round_trip_error_within_half_step(case):
+    x, spec = case
+    q = jaxq.quantize_array(jnp.asarray(x), spec)
+    y = np.asarray(q.dequantize())
+    # The step is the scale (absmax/minmax ranges clip nothing), broadcast to x.
+    step = np.asarray(q.meta.tiling.broadcast_scale(q.scale, x.shape))
+    assert np.all(np.abs(x - y) <= 0.5 * step * (1 + 1e-5) + 1e-7 * np.abs(x))
+
+
+@settings(max_examples=30, deadline=None)
+@given(tensor_and_spec(formats=("int8", "int4", "int3", "int2", "nf4", "fp8_e4m3", "fp8_e5m2")))
+def test_requantize_is_identity(case):
+    x, spec = case
+    q1 = jaxq.quantize_array(jnp.asarray(x), spec)
+    y1 = q1.dequantize()
+    y2 = jaxq.quantize_array(y1, spec).dequantize()
+    np.testing.assert_allclose(np.asarray(y2), np.asarray(y1), rtol=1e-6, atol=1e-6 * float(np.abs(x).max()))
+
+
+@settings(max_examples=30, deadline=None)
+@given(tensor_and_spec(formats=("int8", "int4", "int3", "int2", "nf4", "fp8_e4m3")))
+def test_zero_maps_to_zero(case):
+    x, spec = case
+    x = x.copy()
+    x.flat[:: 3] = 0.0
+    y = np.asarray(jaxq.quantize_array(jnp.asarray(x), spec).dequantize())
+    assert np.all(y[x == 0.0] == 0.0)
+
+
+def test_all_zero_tensor_has_no_nan():
+    for fmt in ["int8", "int4", "nf4", "fp8_e4m3", "int2"]:
+        for sym in ([True, False] if fmt.startswith("int") else [True]):
+            for method in ["absmax", "percentile", "mse"]:
+                spec = QuantSpec(fmt, "per_group", 4, symmetric=sym, range_method=method)
+                y = jaxq.quantize_array(jnp.zeros((8, 4)), spec).dequantize()
+                assert np.all(np.asarray(y) == 0.0), (fmt, sym, method)
+
+
+def test_pack_unpack_roundtrip_all_codes():
+    codes = jnp.arange(-8, 8, dtype=jnp.int8)
+    grid = jnp.stack(jnp.meshgrid(codes, codes), -1).reshape(-1, 2).T  # every pair of nibbles
+    packed = pack_int4(grid, axis=0)
+    assert packed.shape == (1, 256) and packed.dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(unpack_int4(packed, axis=0)), np.asarray(grid))
+    # Low nibble holds the even element.
+    assert int(pack_int4(jnp.array([3, -2], jnp.int8), 0)[0]) == np.int8(np.uint8(0xE3))
+
+
+def test_int_ranges():
+    f = jaxq.numerics.get_format
+    assert f("int8").int_range(True) == (-127, 127) and f("int8").int_range(False) == (-128, 127)
+    assert f("int4").int_range(True) == (-7, 7) and f("int2").int_range(False) == (-2, 1)
+
+
+@pytest.fixture(scope="module")
+def gaussian_4096():
+    return jax.random.normal(jax.random.key(0), (4096, 4096), jnp.float32)
+
+
+def _sqnr(w, spec):
+    return sqnr_db(w, jaxq.quantize_array(w, spec).dequantize())
+
+
+def test_sqnr_int8_per_channel(gaussian_4096):
+    assert _sqnr(gaussian_4096, QuantSpec("int8")) >= 36.0
+
+
+def test_sqnr_int4_g128_absmax_and_mse(gaussian_4096):
+    absmax = _sqnr(gaussian_4096, QuantSpec("int4", "per_group", 128))
+    mse = _sqnr(gaussian_4096, QuantSpec("int4", "per_group", 128, range_method="mse"))
+    assert absmax >= 16.5
+    assert mse > absmax + 0.1
+
+
+def test_sqnr_nf4_beats_int4_g64(gaussian_4096):
+    nf4 = _sqnr(gaussian_4096, QuantSpec("nf4", "per_group", 64))
+    int4 = _sqnr(gaussian_4096, QuantSpec("int4", "per_group", 64))
+    assert nf4 > int4
+
+
+def test_percentile_clips_outliers():
+    x = jnp.concatenate([jax.random.normal(jax.random.key(1), (1000,)), jnp.array([100.0])])
+    lo, hi = ranges.percentile(x, (0,), 99.0, symmetric=True)
+    assert float(hi[0]) < 5.0 and float(lo[0]) == -float(hi[0])
+
+
+def test_mse_search_never_worse_than_absmax():
+    x = jax.random.normal(jax.random.key(2), (64, 32))
+    fmt = jaxq.numerics.get_format("int3")
+    lo, hi = ranges.absmax(x, (0,))
+    lo2, hi2 = ranges.mse_search(x, (0,), fmt, True)
+    e1 = jnp.sum((x - codec.fake_quantize(x, lo, hi, fmt, True)) ** 2, 0)
+    e2 = jnp.sum((x - codec.fake_quantize(x, lo2, hi2, fmt, True)) ** 2, 0)
+    assert bool(jnp.all(e2 <= e1 + 1e-6))
