@@ -149,19 +149,24 @@ def bench_shape(m: int, k: int, kernel_impl: str | None, with_qwix: bool, seed: 
     return rows
 
 
+HEADER = ("| M | K=N | variant | impl | time (us) | TFLOP/s | TB/s | x bf16 | note |\n"
+          "|---:|---:|---|---|---:|---:|---:|---:|---|")
+
+
+def markdown_row(r: dict) -> str:
+    t = r["seconds"]
+    decode = r["m"] <= DECODE_MAX_M
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    return (
+        f"| {r['m']} | {r['k']} | {r['variant']} | {r['impl']} | {fmt(None if t is None else t * 1e6, '.1f')} | "
+        f"{fmt(r['tflops'], '.2f')} | {fmt(r['tbps'] if decode else None, '.3f')} | "
+        f"{fmt(r['vs_bf16'], '.2f')} | {r['note']} |"
+    )
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| M | K=N | variant | impl | time (us) | TFLOP/s | TB/s | x bf16 | note |",
-             "|---:|---:|---|---|---:|---:|---:|---:|---|"]
-    for r in rows:
-        t = r["seconds"]
-        decode = r["m"] <= DECODE_MAX_M
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
-        lines.append(
-            f"| {r['m']} | {r['k']} | {r['variant']} | {r['impl']} | {fmt(None if t is None else t * 1e6, '.1f')} | "
-            f"{fmt(r['tflops'], '.2f')} | {fmt(r['tbps'] if decode else None, '.3f')} | "
-            f"{fmt(r['vs_bf16'], '.2f')} | {r['note']} |"
-        )
-    return "\n".join(lines)
+    """The whole table (rows are also streamed one cell at a time while the benchmark runs)."""
+    return "\n".join([HEADER] + [markdown_row(r) for r in rows])
 
 
 def kernel_wins(rows: list[dict]) -> list[dict]:
@@ -217,22 +222,28 @@ def main(argv: list[str] | None = None) -> int:
             print("note: qwix not importable; skipping the Qwix rows")
             with_qwix = False
 
+    def dump(rows: list[dict]) -> dict:
+        out = dict(device_kind=dev.device_kind, backend=backend, jax=jax.__version__, quick=args.quick,
+                   kernel_impl=kernel_impl, rows=rows, kernel_wins=kernel_wins(rows))
+        if args.json:  # rewritten after every cell: a run cut off by a timeout keeps what it measured
+            Path(args.json).write_text(json.dumps(out, indent=1))
+        return out
+
     rows: list[dict] = []
+    print(HEADER, flush=True)
     for k in sizes:
         for m in ms:
             t0 = time.perf_counter()
             cell = bench_shape(m, k, kernel_impl, with_qwix)
             rows += cell
-            print(f"  M={m} K=N={k}: {len(cell)} rows in {time.perf_counter() - t0:.1f}s", flush=True)
-    print()
-    print(markdown(rows))
-    wins = kernel_wins(rows)
+            for r in cell:
+                print(markdown_row(r), flush=True)
+            print(f"<!-- M={m} K=N={k}: {len(cell)} rows in {time.perf_counter() - t0:.1f}s -->", flush=True)
+            dump(rows)
+    wins = dump(rows)["kernel_wins"]
     if kernel_impl == "pallas":
         print("\nkernel faster than qmatmul's XLA path:", wins or "nowhere (auto-dispatch keeps XLA)")
     if args.json:
-        out = dict(device_kind=dev.device_kind, backend=backend, jax=jax.__version__, quick=args.quick,
-                   kernel_impl=kernel_impl, rows=rows, kernel_wins=wins)
-        Path(args.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {args.json}")
     return 0
 

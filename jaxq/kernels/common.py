@@ -114,15 +114,18 @@ def pad2(a: jax.Array, rows: int, cols: int, value: float = 0) -> jax.Array:
 
 # --- in-kernel math (plain jnp, so it lowers on Triton, Mosaic and the interpreter) -----
 def unpack_int4_tile(p: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Splits packed int4 bytes into (even, odd) rows, both int8 in ``[-8, 7]``.
+    """Splits packed int4 bytes into (even, odd) rows, both int32 in ``[-8, 7]``.
 
-    Arithmetic shifts on int8 sign-extend each nibble; interpret mode does not
-    support ``pltpu.unpack_elementwise`` and Triton has no int4 type, but every
-    backend has shifts. We keep the two halves apart instead of interleaving them
-    (no in-kernel reshape): the wrapper splits ``x`` into even and odd columns.
+    Arithmetic shifts sign-extend each nibble. They run on int32 lanes because
+    Mosaic TPU has no int8 vector shifts on every chip and Triton computes in
+    32-bit registers anyway; interpret mode has no ``pltpu.unpack_elementwise``
+    and Triton no int4 type, but every backend has 32-bit shifts. The two halves
+    stay apart (no in-kernel interleave): the wrapper splits ``x`` into even and
+    odd columns instead.
     """
-    lo = jnp.right_shift(jnp.left_shift(p, 4), 4)
-    hi = jnp.right_shift(p, 4)
+    w = p.astype(jnp.int32)
+    lo = jnp.right_shift(jnp.left_shift(w, 28), 28)
+    hi = jnp.right_shift(jnp.left_shift(w, 24), 28)
     return lo, hi
 
 

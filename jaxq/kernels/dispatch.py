@@ -55,6 +55,12 @@ def _gpu_compilable(meta: QMeta, act_spec: QuantSpec | None) -> bool:
     return is_pow2(depth) and depth >= (32 if act_spec is not None else 16)
 
 
+def _tpu_lane_aligned(meta: QMeta) -> bool:
+    """Mosaic: each group's x slice is a lane slice; narrower than 128 lanes means relayouts."""
+    g = meta.tiling.group_size
+    return g is None or (g // (2 if meta.pack_axis is not None else 1)) % 128 == 0
+
+
 def _kind(meta: QMeta, act_spec: QuantSpec | None) -> str:
     if act_spec is not None:
         return "w8a8"
@@ -69,6 +75,8 @@ def auto_impl(m: int, k: int, n: int, meta: QMeta, act_spec: QuantSpec | None) -
     if unsupported_reason(meta, act_spec, k, n) is not None:
         return "xla"
     if backend != "tpu" and not _gpu_compilable(meta, act_spec):
+        return "xla"
+    if backend == "tpu" and not _tpu_lane_aligned(meta):
         return "xla"
     if k % 128 or n % 128:  # would pad (copy) the weights on every call
         return "xla"

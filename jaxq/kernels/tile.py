@@ -74,7 +74,8 @@ def tile_dot(
     Args:
       x_tiles: ``[x]`` or ``[x_even, x_odd]`` tiles of shape (bm, depth).
       w_tile: int8 codes (depth, bn), or packed int4 bytes (depth, bn) holding the
-        even rows in the low nibbles and the odd rows in the high nibbles.
+        even rows in the low nibbles and the odd rows in the high nibbles
+        (unpacked to int32, narrowed back to int8 for the integer dot).
       zp_row: (1, bn) zero points (int8 in integer modes, compute dtype in float mode).
       x_scale: (bm, 1) float32 row scales; only used in ``"dyn"`` mode.
       spec: the static tile description.
@@ -90,8 +91,8 @@ def tile_dot(
                 wt = wt - zp_row
             d = jnp.dot(xt, wt, preferred_element_type=jnp.float32)
         else:
-            if zp_row is not None:
-                wt = wt - zp_row
-            d = jnp.dot(xt, wt, preferred_element_type=jnp.int32)
+            if zp_row is not None:  # int4 only: code - zp stays in [-15, 15]
+                wt = wt.astype(jnp.int32) - zp_row.astype(jnp.int32)
+            d = jnp.dot(xt, wt.astype(jnp.int8), preferred_element_type=jnp.int32)
         acc = d if acc is None else acc + d
     return acc
