@@ -5,6 +5,7 @@ QArray pytree) -> ``policy`` / ``quantize`` (tree transforms) -> ``ops`` and
 ``kernels`` -> ``flax`` adapters -> ``algorithms`` -> ``io`` and the command line.
 """
 
+from jaxq import ops
 from jaxq.io import CheckpointError, load, save
 from jaxq.numerics.formats import format_names
 from jaxq.policy import PRESETS, Policy, Rule, as_policy
@@ -31,6 +32,7 @@ __all__ = [
     "initial_scale",
     "is_qarray",
     "load",
+    "ops",
     "quantize",
     "quantize_array",
     "save",

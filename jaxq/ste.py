@@ -34,14 +34,15 @@ def _fq_with_mask(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     lo, hi = ranges.select_range(xg, tiling.reduce_axes(x.ndim), spec.range_method, fmt, spec.symmetric, spec.percentile)
     scale, zp = codec.scale_and_zero_point(lo, hi, fmt, spec.symmetric)
     y = codec.decode(codec.encode(xg, scale, zp, fmt, spec.symmetric), scale, zp, fmt)
+    # "Inside" means rounding does not clip: decide in the code domain, where the
+    # range edges are exact (absmax/scale*scale can land a hair below absmax).
+    u = xg.astype(jnp.float32) / scale
     if fmt.kind == "int":
         qmin, qmax = fmt.int_range(spec.symmetric)
-        z = 0.0 if zp is None else zp
-        lo_c, hi_c = (qmin - z) * scale, (qmax - z) * scale
+        u = u + (0.0 if zp is None else zp)
+        mask = (u >= qmin - 0.5) & (u <= qmax + 0.5)
     else:
-        lo_c, hi_c = -fmt.max_value * scale, fmt.max_value * scale
-    xf = xg.astype(jnp.float32)
-    mask = (xf >= lo_c) & (xf <= hi_c)
+        mask = jnp.abs(u) <= fmt.max_value * (1 + 2.0**-3)
     return y.reshape(x.shape).astype(x.dtype), mask.reshape(x.shape)
 
 

@@ -39,7 +39,9 @@ def _check_weight(w: QArray, k: int) -> None:
     if w.shape[0] != k:
         raise ValueError(f"x has {k} features but the weight has shape {w.shape} (K, N); they must agree")
     t = w.meta.tiling
-    if w.meta.fmt.kind != "cast" and (t.channel_axes not in ((), (-1,)) or t.group_axis not in (None, -2)):
+    # Channel axes below -ndim belong to leading axes that vmap/scan stripped off.
+    chans = tuple(a for a in t.channel_axes if a >= -w.ndim)
+    if w.meta.fmt.kind != "cast" and (chans not in ((), (-1,)) or t.group_axis not in (None, -2)):
         raise ValueError(
             f"qmatmul needs scales per output channel or per group along K; this weight has {t}. "
             "Dequantize it, or quantize with channel_axes=(-1,), group_axis=-2"
