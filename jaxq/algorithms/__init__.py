@@ -1,0 +1,45 @@
+"""Calibration algorithms over a Dense kernel ``W [K, N]`` (``y = x @ W``) and input statistics.
+
+Each is a pure function returning a :class:`jaxq.QArray` (plus auxiliary outputs in a NamedTuple)
+and composes with any :class:`jaxq.QuantSpec` tiling a 2-D kernel per tensor, per output
+channel, or per group of input rows (int8/int4/int3, nf4, fp8; symmetric or asymmetric):
+
+* :mod:`~jaxq.algorithms.stats` - :class:`CalibStats` accumulated batch by batch
+  (``X^T X``, ``E[x]``, ``E|x|``, ``max|x|``, count);
+* :func:`gptq` - Hessian-based error compensation (act_order, lazy blocks, damping, groups);
+* :func:`awq` - activation-aware input scaling and clip search (returns the scale to fold);
+* :func:`smoothquant` - outlier migration for W8A8 (returns the activation divisor);
+* :func:`bias_correction` - moves the mean output error into the bias (Dense and Conv);
+* :func:`rtn`, :func:`mse_clip` - data-free baselines;
+* :mod:`~jaxq.algorithms.sequential` - block-by-block calibration of whole transformers.
+"""
+
+from jaxq.algorithms.awq import AWQResult, awq, awq_scales
+from jaxq.algorithms.baseline import mse_clip, rtn
+from jaxq.algorithms.bias_correction import bias_correction
+from jaxq.algorithms.gptq import GPTQResult, gptq, inverse_cholesky
+from jaxq.algorithms.smoothquant import PER_TOKEN_INT8, SmoothQuantResult, smoothing_factors, smoothquant, w8a8_matmul
+from jaxq.algorithms.stats import CalibStats, as_stats, compute_stats, init_stats, merge_stats, update_stats
+
+__all__ = [
+    "AWQResult",
+    "CalibStats",
+    "GPTQResult",
+    "PER_TOKEN_INT8",
+    "SmoothQuantResult",
+    "as_stats",
+    "awq",
+    "awq_scales",
+    "bias_correction",
+    "compute_stats",
+    "gptq",
+    "init_stats",
+    "inverse_cholesky",
+    "merge_stats",
+    "mse_clip",
+    "rtn",
+    "smoothing_factors",
+    "smoothquant",
+    "update_stats",
+    "w8a8_matmul",
+]

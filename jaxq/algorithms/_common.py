@@ -1,0 +1,146 @@
+"""Helpers shared by the calibration algorithms: validation, weight layouts, fake quantization.
+
+Every algorithm here works on a Flax ``Dense`` kernel ``W [K, N]`` (``y = x @ W``: ``K`` input
+channels, ``N`` output channels). A :class:`~jaxq.spec.QuantSpec` tiles such a kernel in one of
+three ways that the algorithms understand, all viewed as ``[G, g, N]`` (``G`` groups of ``g``
+consecutive input rows):
+
+* ``per_channel`` (one scale per output column): ``G = 1, g = K``, scales ``[1, N]``;
+* ``per_group`` along the input axis: ``G = K / group_size``, scales ``[G, N]``;
+* ``per_tensor``: ``G = 1``, one scale ``[1, 1]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.numerics import codec, ranges
+from jaxq.qarray import QArray
+from jaxq.spec import QuantSpec, as_spec
+
+
+def check_channels(name: str, shape: Sequence[int], k: int, what: str = "calibration activations") -> None:
+    """Raises ``ValueError`` unless the last axis of ``shape`` has ``k`` channels."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0 or shape[-1] != k:
+        raise ValueError(
+            f"{what} for {name or 'layer'} have shape {shape}; expected (..., K={k}) "
+            f"to match the weight's input dimension K={k}"
+        )
+
+
+def check_weight(name: str, w: Any, ndim: int = 2) -> None:
+    """Raises ``ValueError`` unless ``w`` is a float array of rank ``ndim``."""
+    if getattr(w, "ndim", None) != ndim:
+        raise ValueError(
+            f"weight for {name or 'layer'} has shape {tuple(getattr(w, 'shape', ()))}; expected a rank-{ndim} "
+            "Dense kernel [K, N] (y = x @ W)"
+        )
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"weight for {name or 'layer'} must be floating point, got {w.dtype}")
+
+
+class Layout(NamedTuple):
+    """How a spec tiles a ``[K, N]`` kernel: ``G`` groups of ``g`` rows; scale stored as ``[G|1, N|1]``."""
+
+    groups: int
+    group_size: int
+    per_tensor: bool
+
+
+def weight_layout(spec: QuantSpec, shape: Sequence[int], name: str = "") -> Layout:
+    """Validates that ``spec`` tiles a 2-D kernel in a way the algorithms support."""
+    spec = as_spec(spec)
+    k, n = shape
+    tiling = spec.tiling(shape, where=name)  # validates group size etc.
+    if tiling.group_axis is not None:
+        if tiling.group_axis != -2 or tiling.channel_axes not in ((-1,), ()):
+            raise ValueError(
+                f"{name or 'layer'}: per-group scales must group the input axis (group_axis=-2) of the "
+                f"[K, N] kernel with per-output-channel scales; got {tiling}"
+            )
+        if tiling.channel_axes == ():
+            raise ValueError(f"{name or 'layer'}: per-group scales need the output channel axis -1")
+        return Layout(k // tiling.group_size, tiling.group_size, False)
+    if tiling.channel_axes == (-1,):
+        return Layout(1, k, False)
+    if tiling.channel_axes == ():
+        return Layout(1, k, True)
+    raise ValueError(
+        f"{name or 'layer'}: unsupported scale tiling {tiling} for a [K, N] kernel; use per_tensor, "
+        "per_channel over the output axis (-1) or per_group over the input axis (-2)"
+    )
+
+
+def stored_scale(scale_g: jax.Array) -> jax.Array:
+    """Scale or zero point in ``[G, 1, N]`` (or ``[1, 1, 1]``) form -> stored shape ``[G, N]``/``[1, 1]``."""
+    return scale_g[:, 0, :]
+
+
+def group_range(
+    wg: jax.Array, spec: QuantSpec, per_tensor: bool, ratio: jax.Array | float = 1.0
+) -> tuple[jax.Array, jax.Array | None]:
+    """Scale and zero point for ``wg [G, g, N]`` by ``spec.range_method``, clip-scaled by ``ratio``.
+
+    Returns keep-dims ``[G, 1, N]`` (``[1, 1, 1]`` per tensor) arrays.
+    """
+    axes = (0, 1, 2) if per_tensor else (1,)
+    lo, hi = ranges.select_range(wg, axes, spec.range_method, spec.fmt, spec.symmetric, spec.percentile)
+    return codec.scale_and_zero_point(lo * ratio, hi * ratio, spec.fmt, spec.symmetric)
+
+
+def base_range(wg: jax.Array, spec: QuantSpec, per_tensor: bool) -> tuple[jax.Array, jax.Array]:
+    """Full (unclipped) range ``[lo, hi]`` of each group: absmax if symmetric, else min/max."""
+    axes = (0, 1, 2) if per_tensor else (1,)
+    if spec.symmetric:
+        return ranges.absmax(wg, axes)
+    return ranges.minmax(wg, axes)
+
+
+def fake_quant_grouped(
+    wg: jax.Array, scale: jax.Array, zp: jax.Array | None, spec: QuantSpec
+) -> jax.Array:
+    """``decode(encode(wg))`` with broadcastable ``scale``/``zp`` (float32)."""
+    fmt = spec.fmt
+    return codec.decode(codec.encode(wg, scale, zp, fmt, spec.symmetric), scale, zp, fmt)
+
+
+def rtn_fake_quant(w: jax.Array, spec: QuantSpec) -> jax.Array:
+    """Round-to-nearest fake quantization of a ``[K, N]`` kernel with ``spec`` (float32)."""
+    layout = weight_layout(spec, w.shape)
+    wg = w.astype(jnp.float32).reshape(layout.groups, layout.group_size, -1)
+    scale, zp = group_range(wg, spec, layout.per_tensor)
+    return fake_quant_grouped(wg, scale, zp, spec).reshape(w.shape)
+
+
+def to_qarray(w_q: jax.Array, scale_g: jax.Array, zp_g: jax.Array | None, spec: QuantSpec, dtype: Any, name: str = ""):
+    """Packs a kernel that already lies on the grid of ``scale_g``/``zp_g`` into a QArray.
+
+    ``w_q`` holds dequantized values (exact grid points), so re-encoding with the same scale
+    reproduces the codes the algorithm chose.
+    """
+    from jaxq.qarray import quantize_array
+
+    scale = stored_scale(scale_g)
+    zp = None if zp_g is None else stored_scale(zp_g)
+    # Encode from float32: a bf16 copy of the grid points could round onto a neighbouring code.
+    q = quantize_array(w_q.astype(jnp.float32), spec, where=name, scale=scale, zero_point=zp)
+    return QArray(q.values, q.scale, q.zero_point, dataclasses.replace(q.meta, dtype=np.dtype(dtype)))
+
+
+def quadratic_error(d: jax.Array, h: jax.Array) -> jax.Array:
+    """``tr(D^T H D) = sum_n d_n^T H d_n``: the summed squared output error ``||X D||^2`` when ``H = X^T X``."""
+    d = d.astype(jnp.float32)
+    return jnp.sum(d * jnp.dot(h, d, precision=jax.lax.Precision.HIGHEST))
+
+
+def block_diag(h: jax.Array, groups: int, g: int) -> jax.Array:
+    """The ``G`` diagonal ``[g, g]`` blocks of ``H [G*g, G*g]`` as ``[G, g, g]``."""
+    h4 = h.reshape(groups, g, groups, g)
+    idx = jnp.arange(groups)
+    return h4[idx, :, idx, :]

@@ -1,0 +1,239 @@
+r"""AWQ: activation-aware weight quantization (Lin et al., 2023, arXiv:2306.00978).
+
+Salient input channels (large mean ``|x_k|``) are protected by scaling them up before rounding
+and the activations down by the same factor, which leaves the float layer unchanged:
+
+.. math::  y = x W = (x\,\mathrm{diag}(s)^{-1})\,(\mathrm{diag}(s)\,W) \approx
+           (x / s)\, Q(\mathrm{diag}(s)\,W).
+
+1. **Scale search.** ``s = \bar{|x|}^{\alpha}`` (clamped at ``1e-4``, normalised by
+   ``\sqrt{\max s \cdot \min s}``) for ``\alpha`` on a grid in ``[0, 1)``; the ``\alpha``
+   minimising the layer output error
+
+   .. math::  L(\alpha) = \| X W - X\,\mathrm{diag}(s)^{-1} Q(\mathrm{diag}(s) W) \|_F^2
+              = \operatorname{tr}(D^\top H D), \quad D = W - \mathrm{diag}(s)^{-1}Q(\mathrm{diag}(s)W)
+
+   is kept. ``\alpha = 0`` (``s = 1``) is plain round-to-nearest, so AWQ never loses to RTN on
+   the calibration data. Using ``H = X^\top X`` from :class:`CalibStats` makes the loss exact
+   without storing activations.
+2. **Clip search.** On the scaled weight, each scale group's range is shrunk by a ratio in
+   ``[1 - max_shrink, 1]`` chosen to minimise that group's output error ``d^\top H_{gg} d``
+   (``H_{gg}``: the group's diagonal block of ``H``, as the reference ``auto_clip``).
+
+**Contract (where ``1/s`` goes).** The returned ``q`` represents ``diag(s) W``, *not* ``W``. The
+layer only computes ``x W`` if its input is divided by ``s`` first: ``y = (x / s) @ q``. Fold
+``1/s`` into the op that produces ``x`` — an RMSNorm/LayerNorm scale (``gamma / s``, and its
+bias), or the output columns of a preceding linear map (``W_prev[:, k] / s_k``, e.g. ``v_proj`` for
+``o_proj`` when heads line up, ``up_proj`` for ``down_proj``) — or divide ``x`` explicitly. For
+several Dense layers reading the same input (q/k/v, gate/up) pass them together so they share
+one ``s`` (the search then minimises their summed output error).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.algorithms import _common as C
+from jaxq.algorithms.stats import CalibStats, as_stats
+from jaxq.qarray import QArray, quantize_array
+from jaxq.spec import QuantSpec, as_spec
+
+
+class AWQResult(NamedTuple):
+    """AWQ output.
+
+    Attributes:
+      q: the quantized *scaled* kernel ``diag(s) W`` (a tuple of QArrays when several kernels
+        were passed).
+      input_scale: ``s [K]``; the layer's input must be divided by it (see module docstring).
+      alpha: the chosen exponent.
+      loss: output error ``tr(D^T H D)`` of the result (after clipping), with ``H = X^T X / n``.
+      rtn_loss: the same for plain round-to-nearest, for reference.
+    """
+
+    q: QArray | tuple[QArray, ...]
+    input_scale: jax.Array
+    alpha: jax.Array
+    loss: jax.Array
+    rtn_loss: jax.Array
+
+
+def awq_scales(mean_abs: jax.Array, alpha: jax.Array | float) -> jax.Array:
+    """``s = mean|x|^alpha``, clamped at 1e-4, normalised to ``max(s) * min(s) = 1``; dead channels get 1."""
+    live = mean_abs > 0
+    s = jnp.maximum(jnp.where(live, mean_abs, 1.0) ** alpha, 1e-4)
+    s = jnp.where(live, s, 1.0)
+    return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+
+
+def _clip_search(
+    w: jax.Array, h: jax.Array, spec: QuantSpec, layout: C.Layout, n_grid: int, max_shrink: float
+) -> tuple[jax.Array, jax.Array | None]:
+    """Per-scale-group clip ratio minimising ``d^T H_gg d``; returns keep-dims scale and zero point."""
+    n = w.shape[1]
+    wg = w.reshape(layout.groups, layout.group_size, n)
+    hb = C.block_diag(h, layout.groups, layout.group_size)  # [G, g, g]
+    lo0, hi0 = C.base_range(wg, spec, layout.per_tensor)
+
+    def err(r):
+        s, z = spec_scale(lo0 * r, hi0 * r, spec)
+        d = wg - C.fake_quant_grouped(wg, s, z, spec)
+        e = jnp.einsum("gin,gij,gjn->gn", d, hb, d, precision=jax.lax.Precision.HIGHEST)[:, None, :]
+        return jnp.sum(e, keepdims=True) if layout.per_tensor else e
+
+    ratios = 1.0 - max_shrink * jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+
+    def body(i, c):
+        best_e, best_r = c
+        e = err(ratios[i])
+        better = e < best_e
+        return jnp.where(better, e, best_e), jnp.where(better, ratios[i], best_r)
+
+    e1 = err(1.0)
+    _, best = jax.lax.fori_loop(1, n_grid, body, (e1, jnp.ones_like(e1)))
+    return spec_scale(lo0 * best, hi0 * best, spec)
+
+
+def spec_scale(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+    from jaxq.numerics import codec
+
+    return codec.scale_and_zero_point(lo, hi, spec.fmt, spec.symmetric)
+
+
+@partial(jax.jit, static_argnames=("spec", "n_grid", "clip_grid", "max_shrink", "clip", "name", "splits"))
+def _awq(
+    w, xtx, abs_sum, count, x, *, spec: QuantSpec, n_grid: int, clip_grid: int, max_shrink: float, clip: bool,
+    name: str, splits: tuple[tuple[int, int, np.dtype], ...],
+):
+    layout = C.weight_layout(spec, w.shape, name)
+    w = w.astype(jnp.float32)
+    n = jnp.maximum(count, 1.0)
+    h = xtx.astype(jnp.float32) / n
+    mean_abs = abs_sum / n
+
+    def out_err(d):
+        # ||X D||^2: straight from the rows when there are fewer rows than channels, else via H.
+        if x is None:
+            return C.quadratic_error(d, h)
+        xd = jnp.dot(x, d, precision=jax.lax.Precision.HIGHEST)
+        return jnp.sum(xd * xd) / x.shape[0]
+
+    def loss_for(alpha):
+        s = awq_scales(mean_abs, alpha)
+        wq = C.rtn_fake_quant(w * s[:, None], spec) / s[:, None]
+        return out_err(w - wq)
+
+    alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+    losses = jax.lax.map(loss_for, alphas)
+    best = jnp.argmin(losses)  # alpha = 0 first: ties keep plain RTN
+    alpha = alphas[best]
+    s = awq_scales(mean_abs, alpha)
+    ws = w * s[:, None]
+    wsg = ws.reshape(layout.groups, layout.group_size, -1)
+
+    def finish(scale, zp):
+        wq = C.fake_quant_grouped(wsg, scale, zp, spec).reshape(w.shape)
+        return wq, out_err(w - wq / s[:, None])
+
+    scale, zp = C.group_range(wsg, spec, layout.per_tensor)
+    wq, loss = finish(scale, zp)
+    if clip:
+        # The clip search sees the scaled weight and H in the scaled input basis: (x/s) H (x/s).
+        # It scores groups independently (block-diagonal H), so keep it only if the full loss agrees.
+        hs = h / (s[:, None] * s[None, :])
+        c_scale, c_zp = _clip_search(ws, hs, spec, layout, clip_grid, max_shrink)
+        c_wq, c_loss = finish(c_scale, c_zp)
+        better = c_loss < loss
+        scale = jnp.where(better, c_scale, scale)
+        zp = None if zp is None else jnp.where(better, c_zp, zp)
+        wq = jnp.where(better, c_wq, wq)
+        loss = jnp.minimum(c_loss, loss)
+    qs = []
+    for start, size, dtype in splits:  # one QArray per kernel passed in
+        sl = slice(start, start + size)
+        sc = scale if scale.shape[-1] == 1 else scale[..., sl]
+        z = None if zp is None else (zp if zp.shape[-1] == 1 else zp[..., sl])
+        qs.append(C.to_qarray(wq[:, sl], sc, z, spec, dtype, name))
+    return tuple(qs), s, alpha, loss, losses[0]
+
+
+def awq(
+    w: jax.Array | Sequence[jax.Array],
+    calib: CalibStats | jax.Array,
+    spec: QuantSpec | str,
+    *,
+    n_grid: int = 20,
+    clip: bool = True,
+    clip_grid: int = 20,
+    max_shrink: float = 0.5,
+    name: str = "",
+) -> AWQResult:
+    """Quantizes a Dense kernel ``w [K, N]`` (or several kernels sharing one input) with AWQ.
+
+    Args:
+      w: a kernel ``[K, N]`` or a sequence of kernels ``[K, N_i]`` that read the same input.
+      calib: :class:`CalibStats` with the Hessian, or raw layer inputs ``[..., K]``. Losses
+        cost ``O(K^2 N)`` per candidate from statistics; raw inputs with fewer rows ``T < K``
+        are used directly (``O(T K N)``), which is faster for wide layers.
+      spec: the weight spec (per-tensor, per-channel or per-group over the input axis).
+      n_grid: number of ``alpha`` values ``0, 1/n, ..., (n-1)/n``.
+      clip: run the clip-ratio search after scaling.
+      clip_grid, max_shrink: ratios ``1 - max_shrink * i / clip_grid``, ``i < clip_grid``.
+      name: layer name for error messages.
+
+    Returns:
+      :class:`AWQResult`; ``q`` quantizes ``diag(s) @ w`` — divide the layer input by
+      ``input_scale`` (or fold ``1/s`` into the previous op) before using it.
+    """
+    spec = as_spec(spec)
+    many = not hasattr(w, "ndim")
+    ws = list(w) if many else [w]
+    if not ws:
+        raise ValueError("awq needs at least one kernel")
+    for i, wi in enumerate(ws):
+        C.check_weight(f"{name}[{i}]" if many else name, wi)
+    k = int(ws[0].shape[0])
+    for wi in ws:
+        if int(wi.shape[0]) != k:
+            raise ValueError(
+                f"kernels passed together to awq for {name or 'layer'} must share the input dimension; "
+                f"got shapes {[tuple(x.shape) for x in ws]}"
+            )
+    stats = as_stats(calib, k, name, hessian=True)
+    rows = None
+    if not isinstance(calib, CalibStats):
+        flat = jnp.asarray(calib).reshape(-1, k).astype(jnp.float32)
+        rows = flat if flat.shape[0] < k else None
+    if spec.fmt.kind in ("cast", "none"):
+        qs = tuple(quantize_array(wi, spec, where=name) for wi in ws)
+        one = jnp.ones((k,), jnp.float32)
+        z = jnp.zeros((), jnp.float32)
+        return AWQResult(qs if many else qs[0], one, z, z, z)
+    if not 0.0 <= max_shrink < 1.0:
+        raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink}")
+    splits, start = [], 0
+    for wi in ws:
+        splits.append((start, int(wi.shape[1]), np.dtype(wi.dtype)))
+        start += int(wi.shape[1])
+    cat = jnp.concatenate([wi.astype(jnp.float32) for wi in ws], axis=1) if many else ws[0]
+    qs, s, alpha, loss, rtn_loss = _awq(
+        cat,
+        stats.xtx,
+        stats.abs_sum,
+        stats.count,
+        rows,
+        spec=spec,
+        n_grid=int(n_grid),
+        clip_grid=int(clip_grid),
+        max_shrink=float(max_shrink),
+        clip=bool(clip),
+        name=name,
+        splits=tuple(splits),
+    )
+    q = qs if many else qs[0]
+    return AWQResult(q, s, alpha, loss, rtn_loss)

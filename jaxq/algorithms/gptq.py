@@ -1,0 +1,286 @@
+r"""GPTQ: Hessian-aware rounding with error compensation (Frantar et al., 2022, arXiv:2210.17323).
+
+For a Dense kernel ``W [K, N]`` and layer inputs ``X [T, K]``, GPTQ minimises the output error
+
+.. math::  \| X W - X \hat W \|_F^2 = \operatorname{tr}\big((W-\hat W)^\top H (W-\hat W)\big),
+           \qquad H = X^\top X,
+
+one input row at a time (Optimal Brain Quantization). After row ``i`` is rounded to ``q_i``,
+the not-yet-quantized rows ``j > i`` absorb its error:
+
+.. math::  e_i = (w_i - q_i) / U_{ii}, \qquad w_j \leftarrow w_j - U_{ij}\, e_i,
+
+where ``U`` is the upper Cholesky factor of ``H^{-1}`` (``H^{-1} = U^\top U``), so the
+sequential updates need no re-inversion. Implementation details follow the reference code:
+
+* **damping** ``H += \lambda I`` with ``\lambda = percdamp \cdot mean(diag H)`` (retried x10
+  if the Cholesky factorisation fails);
+* **dead inputs** (``H_ii = 0``: a channel that is always zero) get ``H_ii = 1`` and a zero row;
+* **act_order**: rows are processed by decreasing ``H_ii`` (the most sensitive first);
+* **lazy batch updates**: the update of rows outside the current block of ``block_size`` rows is
+  deferred and applied as one matmul per block, ``W_{rest} -= U_{blk,rest}^\top E_{blk}``;
+* **groups**: with ``per_group`` specs each group's scale is computed when the group's first
+  row is reached, from the error-updated rows. With ``act_order`` the groups are *static*
+  (computed once on the original ``W`` before any update) so that each group is still a
+  contiguous range of input rows, which is what a :class:`~jaxq.QArray` can store.
+
+Everything runs in float32 under ``jax.lax`` loops and jits; the spec (any scaled format:
+int8/int4/int3, nf4, fp8; per-tensor/-channel/-group; symmetric or not) is static.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.algorithms import _common as C
+from jaxq.algorithms.stats import CalibStats, as_stats
+from jaxq.qarray import QArray, quantize_array
+from jaxq.spec import QuantSpec, as_spec
+
+
+class GPTQResult(NamedTuple):
+    """``q``: the quantized kernel; ``loss``: GPTQ's error proxy ``sum_i ||w_i - q_i||^2 / (2 U_ii^2)``."""
+
+    q: QArray
+    loss: jax.Array
+
+
+def inverse_cholesky(h: jax.Array, percdamp: float, max_tries: int = 6) -> jax.Array:
+    """Upper Cholesky factor ``U`` of ``(H + \\lambda I)^{-1}`` (``= U^T U``), in float32.
+
+    Computed without forming the inverse: with ``J`` the row-reversal permutation and
+    ``J H J = L L^T``, ``H = R R^T`` for the upper-triangular ``R = J L J``, hence
+    ``H^{-1} = R^{-T} R^{-1}`` and ``U = R^{-1}`` (one triangular solve). By uniqueness of the
+    Cholesky factor this equals the reference ``cholesky(cholesky_inverse(cholesky(H)), upper)``.
+
+    ``\\lambda = percdamp * mean(diag H)``; if the factorisation yields non-finite values the
+    damping is multiplied by 10 and retried (at most ``max_tries`` times).
+    """
+    h = h.astype(jnp.float32)
+    k = h.shape[0]
+    eye = jnp.eye(k, dtype=jnp.float32)
+    base = jnp.maximum(jnp.mean(jnp.diag(h)), 1e-8)
+
+    def factor(damp):
+        lo = jnp.linalg.cholesky((h + damp * eye)[::-1, ::-1])
+        return jax.scipy.linalg.solve_triangular(lo[::-1, ::-1], eye, lower=False)
+
+    def cond(c):
+        i, _, u = c
+        return (i == 0) | ((i < max_tries) & ~jnp.all(jnp.isfinite(u)))
+
+    def body(c):
+        i, damp, _ = c
+        damp = jnp.where(i == 0, damp, damp * 10.0)
+        return i + 1, damp, factor(damp)
+
+    d0 = jnp.asarray(percdamp * base, jnp.float32)
+    nan = jnp.full((k, k), jnp.nan, jnp.float32)
+    _, _, u = jax.lax.while_loop(cond, body, (jnp.int32(0), d0, nan))  # one traced copy of `factor`
+    return u
+
+
+def _block_size(block_size: int, layout: C.Layout) -> int:
+    """A block size whose boundaries are compatible with the groups (each group within a block or
+    starting on a block boundary)."""
+    if layout.groups == 1:
+        return block_size
+    g = layout.group_size
+    if block_size % g == 0 or g % block_size == 0:
+        return block_size
+    return math.gcd(block_size, g)
+
+
+@partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups", "name", "dtype"))
+def _gptq(
+    w: jax.Array,
+    xtx: jax.Array,
+    count: jax.Array,
+    *,
+    spec: QuantSpec,
+    block_size: int,
+    percdamp: float,
+    act_order: bool,
+    static_groups: bool,
+    name: str,
+    dtype,
+):
+    k, n = w.shape
+    layout = C.weight_layout(spec, w.shape, name)
+    groups, g = layout.groups, layout.group_size
+    grouped = groups > 1
+    fmt = spec.fmt
+
+    w = w.astype(jnp.float32)
+    h = xtx.astype(jnp.float32) / jnp.maximum(count, 1.0)
+    diag = jnp.diag(h)
+    dead = diag <= 0
+    h = h + jnp.diag(jnp.where(dead, 1.0, 0.0))
+    w = jnp.where(dead[:, None], 0.0, w)
+
+    # Scales fixed up front: per-tensor, per-channel, and static groups (original row order).
+    if not grouped or static_groups:
+        scale0, zp0 = C.group_range(w.reshape(groups, g, n), spec, layout.per_tensor)
+        scale0 = jnp.broadcast_to(scale0, (groups, 1, n))
+        zp0 = None if zp0 is None else jnp.broadcast_to(zp0, (groups, 1, n))
+    else:
+        scale0 = jnp.ones((groups, 1, n), jnp.float32)
+        zp0 = None if spec.symmetric else jnp.zeros((groups, 1, n), jnp.float32)
+
+    if act_order:
+        perm = jnp.argsort(-jnp.diag(h), stable=True)
+    else:
+        perm = jnp.arange(k)
+    w = w[perm]
+    h = h[perm][:, perm]
+    u = inverse_cholesky(h, percdamp)
+
+    bs = _block_size(block_size, layout)
+    kp = -(-k // bs) * bs
+    pad = kp - k
+    if pad:  # padded rows: zero weight, identity Hessian block -> no interaction
+        w = jnp.pad(w, ((0, pad), (0, 0)))
+        u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.concatenate([jnp.zeros(k), jnp.ones(pad)]))
+    row_group = jnp.pad(perm // g, (0, pad))  # group of each processed row (original order)
+    nblocks = kp // bs
+    rows = jnp.arange(kp)
+
+    def find_params(wrows):
+        s, z = C.group_range(wrows[None], spec, layout.per_tensor)
+        return s[0], (None if z is None else z[0])
+
+    def quant_row(wrow, s, z):
+        return C.fake_quant_grouped(wrow[None], s, z, spec)[0]
+
+    def block_body(b, carry):
+        w, qw, loss, scales, zps = carry
+        i1 = b * bs
+        w1 = jax.lax.dynamic_slice(w, (i1, 0), (bs, n))
+        u1 = jax.lax.dynamic_slice(u, (i1, i1), (bs, bs))
+        if grouped and not static_groups and g > bs:
+            # Groups span whole blocks: a group starts here iff i1 % g == 0; W is fully updated now.
+            def new_group(sz):
+                s, z = find_params(jax.lax.dynamic_slice(w, (i1, 0), (g, n)))
+                gi = i1 // g
+                sc, zc = sz
+                sc = sc.at[gi].set(s)
+                zc = None if zc is None else zc.at[gi].set(z)
+                return sc, zc
+
+            scales, zps = jax.lax.cond(i1 % g == 0, new_group, lambda sz: sz, (scales, zps))
+
+        def row_body(i, c):
+            w1, q1, e1, loss, scales, zps = c
+            j = i1 + i
+            if grouped and not static_groups and g <= bs:
+
+                def new_group(sz):
+                    s, z = find_params(jax.lax.dynamic_slice(w1, (i, 0), (g, n)))
+                    gi = j // g
+                    sc, zc = sz
+                    sc = sc.at[gi].set(s)
+                    zc = None if zc is None else zc.at[gi].set(z)
+                    return sc, zc
+
+                scales, zps = jax.lax.cond(j % g == 0, new_group, lambda sz: sz, (scales, zps))
+            gi = jnp.minimum(row_group[j], groups - 1)
+            s = scales[gi]
+            z = None if zps is None else zps[gi]
+            wrow = w1[i]
+            d = u1[i, i]
+            q = quant_row(wrow, s, z)
+            q = jnp.where(j < k, q, 0.0)
+            err = (wrow - q) / d
+            w1 = w1 - u1[i][:, None] * err[None, :]  # U is upper triangular: rows < i untouched
+            w1 = w1.at[i].set(q)
+            q1 = q1.at[i].set(q)
+            e1 = e1.at[i].set(err)
+            loss = loss + jnp.sum((wrow - q) ** 2) / (2 * d * d)
+            return w1, q1, e1, loss, scales, zps
+
+        zeros = jnp.zeros((bs, n), jnp.float32)
+        w1, q1, e1, loss, scales, zps = jax.lax.fori_loop(
+            0, bs, row_body, (w1, zeros, zeros, loss, scales, zps)
+        )
+        qw = jax.lax.dynamic_update_slice(qw, q1, (i1, 0))
+        # Lazy batch update of all later rows: W[i2:] -= U[i1:i2, i2:]^T E1.
+        u_rows = jax.lax.dynamic_slice(u, (i1, 0), (bs, kp))
+        u_rows = jnp.where(rows[None, :] >= i1 + bs, u_rows, 0.0)
+        w = w - jnp.dot(u_rows.T, e1, precision=jax.lax.Precision.HIGHEST)
+        w = jax.lax.dynamic_update_slice(w, w1, (i1, 0))
+        return w, qw, loss, scales, zps
+
+    init = (w, jnp.zeros((kp, n), jnp.float32), jnp.zeros((), jnp.float32), scale0, zp0)
+    _, qw, loss, scales, zps = jax.lax.fori_loop(0, nblocks, block_body, init)
+    qw = jnp.zeros((k, n), jnp.float32).at[perm].set(qw[:k])
+    if layout.per_tensor:
+        scales = scales[:1, :, :1]
+        zps = None if zps is None else zps[:1, :, :1]
+    return C.to_qarray(qw, scales, zps, spec, dtype, name), loss
+
+
+def gptq(
+    w: jax.Array,
+    calib: CalibStats | jax.Array,
+    spec: QuantSpec | str,
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = True,
+    static_groups: bool | None = None,
+    name: str = "",
+) -> GPTQResult:
+    """Quantizes a Dense kernel ``w [K, N]`` with GPTQ.
+
+    Args:
+      w: the float kernel (``y = x @ w``).
+      calib: :class:`CalibStats` with the Hessian (``init_stats(K, hessian=True)``), or raw
+        layer inputs ``[..., K]``.
+      spec: the weight spec (e.g. ``"int4-g128"``); per-tensor, per-channel (output axis) or
+        per-group (input axis) tilings are supported.
+      block_size: rows per lazy-update block (128 as in the paper).
+      percdamp: damping as a fraction of the mean Hessian diagonal.
+      act_order: process rows by decreasing ``H_ii``.
+      static_groups: compute group scales once on the original weight. Defaults to
+        ``act_order``; ``act_order=True`` with ``static_groups=False`` is rejected for per-group
+        specs because the groups would no longer be contiguous rows.
+      name: the layer's name for error messages.
+
+    Returns:
+      :class:`GPTQResult` with the :class:`~jaxq.QArray` (logical dtype of ``w``) and the loss.
+    """
+    spec = as_spec(spec)
+    C.check_weight(name, w)
+    k = int(w.shape[0])
+    stats = as_stats(calib, k, name, hessian=True)
+    if spec.fmt.kind in ("cast", "none"):
+        return GPTQResult(quantize_array(w, spec, where=name), jnp.zeros((), jnp.float32))
+    layout = C.weight_layout(spec, w.shape, name)
+    if static_groups is None:
+        static_groups = act_order
+    if act_order and layout.groups > 1 and not static_groups:
+        raise ValueError(
+            f"{name or 'layer'}: act_order with dynamic groups makes groups non-contiguous, which a "
+            "QArray cannot store; use static_groups=True (the default with act_order)"
+        )
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    q, loss = _gptq(
+        w,
+        stats.xtx,
+        stats.count,
+        spec=spec,
+        block_size=int(block_size),
+        percdamp=float(percdamp),
+        act_order=bool(act_order),
+        static_groups=bool(static_groups),
+        name=name,
+        dtype=np.dtype(w.dtype),
+    )
+    return GPTQResult(q, loss)
