@@ -1,0 +1,274 @@
+"""Calibration algorithms on a small synthetic layer with realistic activations.
+
+The layer: ``W [128, 64]``, 1024 calibration tokens with correlated channels, a non-zero mean,
+three outlier channels (x25) and one dead (all-zero) channel. Every algorithm must beat plain
+round-to-nearest (``jaxq.quantize_array``) on the layer's output error, produce no NaN, and
+reject calibration data of the wrong width with a clear message. GPTQ is also checked against
+an unblocked numpy port of the reference algorithm (one row at a time, full updates).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxq
+from jaxq import algorithms as A
+from jaxq.spec import QuantSpec
+
+K, N, T = 128, 64, 1024
+OUTLIERS = (5, 40, 99)
+DEAD = 17
+
+
+def _layer(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((T, K)).astype(np.float32)
+    mix = np.eye(K) + 0.3 * rng.standard_normal((K, K)) / np.sqrt(K)
+    x = z @ mix.astype(np.float32) + 0.5 * rng.standard_normal(K).astype(np.float32)
+    x[:, list(OUTLIERS)] *= 25.0
+    x[:, DEAD] = 0.0
+    w = rng.standard_normal((K, N)).astype(np.float32) * 0.05
+    return jnp.asarray(x), jnp.asarray(w)
+
+
+X, W = _layer()
+STATS = A.compute_stats(X)
+Y = X @ W
+
+
+def out_err(wq, input_scale=None) -> float:
+    wq = wq.dequantize(jnp.float32) if isinstance(wq, jaxq.QArray) else wq
+    if input_scale is not None:
+        wq = wq / input_scale[:, None]
+    return float(jnp.mean((X @ wq - Y) ** 2))
+
+
+def finite(q: jaxq.QArray) -> bool:
+    return bool(jnp.all(jnp.isfinite(q.dequantize(jnp.float32))))
+
+
+G32 = QuantSpec("int4", "per_group", group_size=32)
+G32_ASYM = QuantSpec("int4", "per_group", group_size=32, symmetric=False)
+INT3_CH = QuantSpec("int3", "per_channel")
+
+
+# --- statistics --------------------------------------------------------------------------
+def test_stats_batchwise_equals_one_shot_and_merge():
+    s = A.init_stats(K)
+    upd = jax.jit(A.update_stats)
+    for xb in jnp.split(X, 4):
+        s = upd(s, xb.reshape(2, -1, K))
+    np.testing.assert_allclose(s.xtx, STATS.xtx, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(s.mean, jnp.mean(X, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s.mean_abs, jnp.mean(jnp.abs(X), 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s.abs_max, jnp.max(jnp.abs(X), 0))
+    assert float(s.count) == T
+    m = A.merge_stats(A.compute_stats(X[:300]), A.compute_stats(X[300:]))
+    np.testing.assert_allclose(m.hessian, STATS.hessian, rtol=1e-4, atol=1e-3)
+    # Row weights: a 0/1 mask drops rows everywhere, abs_max included.
+    mask = jnp.arange(T) < 100
+    sm = A.update_stats(A.init_stats(K, hessian=False), X * 1e3 * (~mask)[:, None] + X, mask)
+    np.testing.assert_allclose(sm.abs_max, jnp.max(jnp.abs(X[:100]), 0), rtol=1e-6)
+    assert sm.xtx is None and float(sm.count) == 100
+
+
+# --- GPTQ --------------------------------------------------------------------------------
+def _np_quant_params(rows: np.ndarray, spec: QuantSpec):
+    qmin, qmax = spec.fmt.int_range(spec.symmetric)
+    if spec.symmetric:
+        s = np.abs(rows).max(0) / qmax
+        s = np.where(s > 1e-30, s, 1.0)
+        return s, None
+    lo, hi = np.minimum(rows.min(0), 0), np.maximum(rows.max(0), 0)
+    s = (hi - lo) / (qmax - qmin)
+    s = np.where(s > 1e-30, s, 1.0)
+    return s, np.clip(np.round(qmin - lo / s), qmin, qmax)
+
+
+def _np_quant(row, s, z, spec):
+    qmin, qmax = spec.fmt.int_range(spec.symmetric)
+    zz = 0.0 if z is None else z
+    return (np.clip(np.round(row / s + zz), qmin, qmax) - zz) * s
+
+
+def gptq_reference(w, h, spec, group, act_order, percdamp=0.01):
+    """Unblocked OBQ/GPTQ in float64 numpy: quantize a row, push its error to all later rows."""
+    w = np.array(w, np.float64)
+    h = np.array(h, np.float64)
+    k = w.shape[0]
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    w[dead] = 0
+    static = None
+    if act_order:
+        static = [_np_quant_params(w[i : i + group], spec) for i in range(0, k, group)]
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    w, h = w[perm], h[perm][:, perm]
+    h += percdamp * np.mean(np.diag(h)) * np.eye(k)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    q = np.zeros_like(w)
+    for i in range(k):
+        if static is not None:
+            s, z = static[perm[i] // group]
+        elif i % group == 0:
+            s, z = _np_quant_params(w[i : i + group], spec)
+        q[i] = _np_quant(w[i], s, z, spec)
+        err = (w[i] - q[i]) / u[i, i]
+        w[i:] -= np.outer(u[i, i:], err)
+    out = np.zeros_like(q)
+    out[perm] = q
+    return out
+
+
+@pytest.mark.parametrize(
+    "spec,act_order,block",
+    [(G32_ASYM, False, 64), (G32_ASYM, False, 48), (G32, True, 48)],
+    ids=["int4g32-asym-groups-in-block", "int4g32-asym-groups-span-blocks", "int4g32-actorder-static"],
+)
+def test_gptq_matches_reference_and_beats_rtn(spec, act_order, block):
+    # block 64: groups start inside a block; 48 -> gcd(48, 32) = 16-row blocks, groups span blocks.
+    res = A.gptq(W, STATS, spec, act_order=act_order, block_size=block, name="fc")
+    assert isinstance(res.q, jaxq.QArray) and res.q.shape == (K, N) and res.q.format == "int4"
+    assert finite(res.q) and bool(jnp.isfinite(res.loss))
+    got = np.asarray(res.q.dequantize(jnp.float32))
+    assert np.all(got[DEAD] == 0)  # dead input channel -> zero row
+    ref = gptq_reference(W, STATS.hessian, spec, 32, act_order)
+    mismatch = np.mean(~np.isclose(got, ref, rtol=1e-4, atol=1e-6))
+    assert mismatch < 0.01, mismatch  # only float-rounding ties may differ
+    rtn = out_err(A.rtn(W, spec))
+    assert out_err(res.q) < 0.8 * rtn
+    assert out_err(res.q) == pytest.approx(out_err(jnp.asarray(ref, jnp.float32)), rel=0.02)
+
+
+_gptq_int3 = jax.jit(lambda w, s: A.gptq(w, s, INT3_CH, name="fc").q)  # one compile, two tests
+
+
+def test_gptq_per_channel_int3_beats_rtn_and_jits():
+    q = _gptq_int3(W, STATS)
+    assert finite(q) and q.scale.shape == (1, N)
+    assert out_err(q) < 0.8 * out_err(A.rtn(W, INT3_CH))
+
+
+# --- AWQ ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec", [G32, QuantSpec("int3", "per_channel", symmetric=False)], ids=["int4g32", "int3-asym"])
+def test_awq_beats_rtn(spec):
+    res = A.awq(W, STATS, spec, name="fc")
+    s = res.input_scale
+    assert s.shape == (K,) and bool(jnp.all(s > 0)) and bool(jnp.all(jnp.isfinite(s)))
+    assert finite(res.q)
+    rtn = out_err(A.rtn(W, spec))
+    awq_err = out_err(res.q, s)  # y = (x / s) @ q
+    assert awq_err < 0.9 * rtn
+    assert float(res.loss) <= float(res.rtn_loss) * (1 + 1e-5)
+    # The reported loss is the true output error (H = X^T X / n), up to float error.
+    assert float(res.loss) == pytest.approx(awq_err * N, rel=1e-3)
+
+
+def test_awq_shared_input_kernels_and_fold_into_norm():
+    w1, w2 = W[:, :32], W[:, 32:] * 2.0  # together as wide as W: reuses the compiled search
+    res = A.awq([w1, w2], STATS, G32, name="qk")
+    assert isinstance(res.q, tuple) and res.q[1].shape == (K, 32)
+    joint = out_err(jnp.concatenate([res.q[0].dequantize(), res.q[1].dequantize() / 2.0], 1), res.input_scale)
+    assert joint < out_err(jnp.concatenate([A.rtn(w, G32).dequantize() for w in (w1, w2 / 2.0)], 1))
+    # Folding 1/s into a preceding RMSNorm scale: gamma' = gamma / s reproduces x / s exactly.
+    gamma = jnp.linspace(0.5, 1.5, K)
+    y_folded = (X * (gamma / res.input_scale)) @ res.q[1].dequantize()
+    y_explicit = ((X * gamma) / res.input_scale) @ res.q[1].dequantize()
+    np.testing.assert_allclose(y_folded, y_explicit, rtol=1e-4, atol=1e-4)
+
+
+# --- SmoothQuant -------------------------------------------------------------------------
+def test_smoothquant_w8a8_beats_rtn():
+    res = A.smoothquant(W, STATS, alpha=0.5, name="fc")
+    assert res.q.format == "int8" and res.q.meta.act_spec == A.PER_TOKEN_INT8
+    s = res.act_divisor
+    assert float(s[DEAD]) == 1.0 and bool(jnp.all(jnp.isfinite(s)))
+    rtn = A.w8a8_matmul(X, A.rtn(W, QuantSpec("int8")))
+    smooth = A.w8a8_matmul(X, res.q, s)
+    err_rtn = float(jnp.mean((rtn - Y) ** 2))
+    err_sq = float(jnp.mean((smooth - Y) ** 2))
+    assert err_sq < 0.5 * err_rtn
+    # The float smoothed layer is the same function.
+    np.testing.assert_allclose((X / s) @ res.weight, Y, rtol=1e-3, atol=1e-3)
+
+
+# --- bias correction ---------------------------------------------------------------------
+def test_bias_correction_dense_beats_rtn():
+    b = jnp.linspace(-1, 1, N)
+    q = A.rtn(W, INT3_CH)
+    b2 = A.bias_correction(W, q, STATS, b, name="fc")
+    y = Y + b
+    err_rtn = float(jnp.mean((X @ q.dequantize() + b - y) ** 2))
+    err_bc = float(jnp.mean((X @ q.dequantize() + b2 - y) ** 2))
+    assert err_bc < err_rtn
+    # The corrected layer has no mean error on the calibration set.
+    np.testing.assert_allclose(jnp.mean(X @ q.dequantize() + b2 - y, 0), 0.0, atol=2e-3)
+
+
+def test_bias_correction_conv_beats_rtn():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((8, 12, 12, 16)).astype(np.float32) + 1.0)
+    x = x.at[..., 3].set(0.0)  # dead channel
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 8)).astype(np.float32) * 0.1)
+    conv = lambda k: jax.lax.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    q = A.rtn(w, QuantSpec("int3", "per_channel"))
+    b = A.bias_correction(w, q, A.compute_stats(x, hessian=False), name="conv")
+    y = conv(w)
+    err_rtn = float(jnp.mean((conv(q.dequantize()) - y) ** 2))
+    err_bc = float(jnp.mean((conv(q.dequantize()) + b - y) ** 2))
+    assert bool(jnp.all(jnp.isfinite(b))) and err_bc < err_rtn
+
+
+# --- MSE baseline ------------------------------------------------------------------------
+def test_mse_clip_beats_rtn_on_weight_error():
+    for spec in (G32, INT3_CH):
+        rtn = A.rtn(W, spec).dequantize()
+        mse = A.mse_clip(W, spec).dequantize()
+        assert float(jnp.sum((mse - W) ** 2)) < float(jnp.sum((rtn - W) ** 2))
+
+
+# --- validation --------------------------------------------------------------------------
+BAD = jnp.ones((64, 100))
+MSG = re.escape("calibration activations for fc have shape (64, 100); expected (..., K=128)")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: A.gptq(W, BAD, G32, name="fc"),
+        lambda: A.awq(W, BAD, G32, name="fc"),
+        lambda: A.smoothquant(W, BAD, name="fc"),
+        lambda: A.bias_correction(W, A.rtn(W, G32), BAD, name="fc"),
+        lambda: A.update_stats(A.init_stats(K), BAD, name="fc"),
+    ],
+    ids=["gptq", "awq", "smoothquant", "bias_correction", "update_stats"],
+)
+def test_wrong_calibration_shape_raises(call):
+    with pytest.raises(ValueError, match=MSG):
+        call()
+
+
+def test_wrong_stats_and_specs_raise():
+    with pytest.raises(ValueError, match=r"calibration activations for fc have shape \(\.\.\., 100\); expected \(\.\.\., K=128\)"):
+        A.gptq(W, A.init_stats(100), G32, name="fc")
+    with pytest.raises(ValueError, match="lack the Hessian"):
+        A.gptq(W, A.init_stats(K, hessian=False), G32, name="fc")
+    with pytest.raises(ValueError, match="static_groups"):
+        A.gptq(W, STATS, G32, act_order=True, static_groups=False, name="fc")
+    with pytest.raises(ValueError, match="does not divide"):
+        A.gptq(W, STATS, QuantSpec("int4", "per_group", group_size=48), name="fc")
+
+
+def test_all_zero_calibration_gives_no_nan():
+    zeros = jnp.zeros((16, K))
+    q = _gptq_int3(W, A.compute_stats(zeros))  # every channel dead
+    assert finite(q) and float(jnp.abs(q.dequantize()).max()) == 0.0
+    s = A.smoothquant(W, zeros, name="fc")
+    assert bool(jnp.all(s.act_divisor == 1.0)) and finite(s.q)
+    assert bool(jnp.all(jnp.isfinite(A.awq_scales(jnp.zeros(K), 0.5))))
+    assert bool(jnp.all(A.bias_correction(W, A.rtn(W, G32), zeros) == 0.0))
