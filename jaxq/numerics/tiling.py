@@ -71,7 +71,7 @@ class Tiling:
             )
         n = shape[g_axis]
         if group_size <= 0 or n % group_size:
-            divisors = [d for d in (16, 32, 64, 128, 256) if n % d == 0]
+            divisors = [d for d in range(2, min(n, 256) + 1) if n % d == 0][-5:]
             raise ValueError(
                 f"group size {group_size} does not divide axis {g_axis} of length {n}{at} "
                 f"with shape {tuple(shape)}; use a divisor of {n} such as {divisors or [n]}, "
