@@ -141,6 +141,12 @@ def canonical_device(device_kind: str) -> str:
     return "unknown"
 
 
+def has_int8_units(device_kind: str | None = None) -> bool:
+    """Whether the chip multiplies int8 natively (TPU7x has no integer MXU; V100/P100 no int8 tensor cores)."""
+    s = (current_kind() if device_kind is None else device_kind).lower()
+    return not any(n in s for n in ("tpu7", "tpu v7", "v100", "p100"))
+
+
 def regime(m: int) -> Regime:
     return "decode" if m <= DECODE_MAX_M else "prefill"
 

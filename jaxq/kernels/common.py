@@ -65,20 +65,18 @@ def default_target() -> Target:
 
 
 def check_target(target: str | None, interpret: bool) -> Target:
-    """Validates ``target``; a compiled kernel must match the backend it runs on."""
+    """Validates ``target`` (default: the backend's layout).
+
+    A compiled kernel is not checked against the current backend here: lowering
+    for another platform (``jit(...).trace(...).lower(lowering_platforms=("cuda",))``)
+    is legitimate and is how the CPU tests check that the GPU and TPU kernels
+    lower; running a compiled kernel on CPU fails in Pallas with "Only interpret
+    mode is supported on CPU backend".
+    """
+    del interpret
     target = default_target() if target is None else target
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if not interpret:
-        backend = jax.default_backend()
-        want = "tpu" if backend == "tpu" else ("gpu" if backend in ("gpu", "cuda", "rocm") else None)
-        if want is None:
-            raise ValueError(
-                f"compiled Pallas kernels need a GPU or TPU, but the backend is {backend!r}; "
-                "pass interpret=True (or impl='interpret' / 'xla' to qmatmul)"
-            )
-        if want != target:
-            raise ValueError(f"target={target!r} kernels cannot be compiled on a {backend!r} backend")
     return target  # type: ignore[return-value]
 
 

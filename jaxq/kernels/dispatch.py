@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxq.kernels.block_tables import kernel_wins
+from jaxq.kernels.block_tables import has_int8_units, kernel_wins
 from jaxq.kernels.common import default_target, is_pow2
 from jaxq.kernels.w8a8 import w8a8_matmul, w8a8_matmul_dynamic
 from jaxq.kernels.weight_only import weight_only_matmul
@@ -74,6 +74,8 @@ def auto_impl(m: int, k: int, n: int, meta: QMeta, act_spec: QuantSpec | None) -
         return "xla"  # interpret mode is for testing, never faster
     if unsupported_reason(meta, act_spec, k, n) is not None:
         return "xla"
+    if act_spec is not None and not has_int8_units():
+        return "xla"  # an int8 kernel would be emulated; XLA picks the chip's best path
     if backend != "tpu" and not _gpu_compilable(meta, act_spec):
         return "xla"
     if backend == "tpu" and not _tpu_lane_aligned(meta):
