@@ -279,6 +279,25 @@ def test_auto_dispatch_is_conservative():
         dispatch.run("interpret", jnp.ones((2, 256)), w, None, None, jnp.float32)
 
 
+def test_kernel_under_scan_over_stacked_layers():
+    """A (L, K, N) stack quantized with a layer channel axis, sliced by lax.scan, runs the kernel."""
+    import jaxq
+    from jaxq.spec import QuantSpec
+
+    qmatmul = _qmatmul()
+    rng = _rng(7)
+    spec = QuantSpec("int4", granularity="per_group", group_size=64, channel_axes=(0, -1))
+    ws = jaxq.quantize_array(jnp.asarray(rng.standard_normal((2, 128, 128)), jnp.float32), spec)
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
+    impl = "pallas" if BACKEND in ("gpu", "cuda", "rocm", "tpu") else "interpret"
+
+    def run(impl):
+        return jax.lax.scan(lambda h, w: (qmatmul(h, w, impl=impl), None), x, ws)[0]
+
+    a, b = jax.jit(lambda: (run("xla"), run(impl)))()
+    assert float(jnp.abs(a - b).mean() / jnp.abs(a).mean()) <= TOL
+
+
 def test_int8_units():
     assert block_tables.has_int8_units("NVIDIA H100 80GB HBM3") and block_tables.has_int8_units("TPU v5 lite")
     assert not block_tables.has_int8_units("TPU7x") and not block_tables.has_int8_units("Tesla V100-SXM2-16GB")

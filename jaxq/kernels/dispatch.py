@@ -34,7 +34,9 @@ def unsupported_reason(meta: QMeta, act_spec: QuantSpec | None, k: int, n: int) 
     if fmt.kind != "int":
         return f"format {fmt.name!r} has no integer-code kernel"
     t = meta.tiling
-    if t.channel_axes not in ((), (-1,)) or t.group_axis not in (None, -2):
+    # Channel axes below -2 belong to leading (layer) axes that scan/vmap stripped off.
+    chans = tuple(a for a in t.channel_axes if a >= -2)
+    if chans not in ((), (-1,)) or t.group_axis not in (None, -2):
         return f"scales must be per output channel or per group along K, got {t}"
     if meta.pack_axis not in (None, -2):
         return f"int4 codes must be packed along K (pack_axis=-2), got pack_axis={meta.pack_axis}"
