@@ -68,6 +68,9 @@ def _weight_only_xla(x2: jax.Array, w: QArray, out_dtype) -> jax.Array:
     g = t.group_size
     if m > g:  # M partial sums of shape (G, N) would cost more than one dequantized copy
         return jnp.dot(x2, w.dequantize(cdt), preferred_element_type=jnp.float32).astype(out_dtype)
+    if cdt == jnp.bfloat16 and jax.default_backend() == "cpu":
+        # XLA:CPU has no batched bf16 x bf16 -> f32 dot; the codes are exact in f32 anyway.
+        x2, codes = x2.astype(jnp.float32), codes.astype(jnp.float32)
     xg = x2.reshape(m, k // g, g)
     acc = jnp.einsum("mGg,GgN->mGN", xg, codes.reshape(k // g, g, -1), preferred_element_type=jnp.float32)
     if zp is not None:
