@@ -51,7 +51,7 @@ def test_structure_blocks_and_hooks() -> None:
 
     model = CharGPT(cfg, dense_kwargs=flax.core.FrozenDict(dot_general=dot_general))
     tokens = jax.random.randint(jax.random.key(1), (2, cfg.context_length), 0, cfg.vocab_size)
-    variables = model.init(jax.random.key(0), tokens)
+    variables = jax.jit(model.init)(jax.random.key(0), tokens)
     assert set(variables) == {"params"}
     params = variables["params"]
     assert params["layers_1"]["attn"]["q_proj"]["kernel"].shape == (32, 32)

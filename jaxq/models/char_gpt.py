@@ -210,14 +210,39 @@ def train_char_gpt(
     corpus when training on a slice, so ids agree with later evaluation.
     """
     data = _encode(text, cfg, tokenizer)
-    model = CharGPT(cfg)
+    opt, step = _trainer(cfg, steps, batch, lr)
     key_init, key_data = jax.random.split(jax.random.key(seed))
-    # jit: an un-jitted init runs op by op, which is slower than compiling it on CPU.
-    params = jax.jit(model.init)(key_init, jnp.zeros((1, cfg.context_length), jnp.int32))["params"]
+    params = _init_fn(cfg)(key_init)
+    opt_state = opt.init(params)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc="train char-gpt", disable=not progress)
+    for i in bar:
+        params, opt_state, loss = step(params, opt_state, data, jax.random.fold_in(key_data, i))
+        if progress and (i % 25 == 0 or i == steps - 1):
+            bar.set_postfix(loss=f"{float(loss):.3f}")  # syncs the device only every 25 steps
+    return params
+
+
+# The jitted functions below are cached: XLA:CPU compiles take seconds, and repeated runs with
+# the same settings (tests, sweeps) should pay them once.
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(cfg: CharGPTConfig) -> Any:
+    """Jitted ``key -> params`` for ``CharGPT(cfg)``."""
+    tokens = jnp.zeros((1, cfg.context_length), jnp.int32)
+    return jax.jit(lambda key: CharGPT(cfg).init(key, tokens)["params"])
+
+
+@functools.lru_cache(maxsize=8)
+def _trainer(cfg: CharGPTConfig, steps: int, batch: int, lr: float) -> tuple[Any, Any]:
+    """``(optimizer, jitted step_fn)`` for these settings."""
+    model = CharGPT(cfg)
     warmup = max(1, min(100, steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), lr / 10)
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.99, weight_decay=0.01))
-    opt_state = opt.init(params)
 
     # ``data`` is an argument, not a closure constant, so a large corpus is not baked into HLO.
     @jax.jit
@@ -229,14 +254,7 @@ def train_char_gpt(
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(range(steps), desc="train char-gpt", disable=not progress)
-    for i in bar:
-        params, opt_state, loss = step(params, opt_state, data, jax.random.fold_in(key_data, i))
-        if progress and (i % 25 == 0 or i == steps - 1):
-            bar.set_postfix(loss=f"{float(loss):.3f}")  # syncs the device only every 25 steps
-    return params
+    return opt, step
 
 
 def eval_char_gpt_loss(
@@ -258,6 +276,6 @@ def eval_char_gpt_loss(
 
 @functools.lru_cache(maxsize=16)
 def _eval_loss_fn(cfg: CharGPTConfig, batch: int) -> Any:
-    """Jitted window-loss, cached so repeated evaluations compile once per (cfg, batch)."""
+    """Jitted ``(params, data, key) -> loss`` on one random batch of windows."""
     model, length = CharGPT(cfg), cfg.context_length + 1
     return jax.jit(lambda p, d, k: char_lm_loss(model, p, sample_windows(k, d, batch, length)))
