@@ -193,6 +193,7 @@ def calibrate(
     method: CalibrationMethod = "minmax",
     percentile: float = DEFAULT_PERCENTILE,
     forward: Callable[[Any, Any], Any] | None = None,
+    jit: bool = True,
 ) -> dict[str, jax.Array]:
     """Calibrates static activation scales of an nnx model and stores them on its layers.
 
@@ -204,6 +205,7 @@ def calibrate(
       method: ``"minmax"`` or ``"percentile"`` (see :func:`jaxq.flax.calibrate`).
       percentile: used by ``"percentile"``.
       forward: ``forward(model, batch)``; default ``model(batch)``.
+      jit: run the calibration forward pass under ``jax.jit`` (on a split/merged copy).
 
     Returns:
       ``{module path: scale}`` for the calibrated layers; each such layer now
@@ -211,14 +213,19 @@ def calibrate(
     """
     policy = None if policy is None else as_policy(policy)
     forward = forward or (lambda m, b: m(b))
+    graphdef, state = _nnx.split(model)
+
+    def stats_of(state, batch):
+        _, stats = _nnx.capture(forward, QuantStats)(_nnx.merge(graphdef, state), batch)
+        return _nnx.to_pure_dict(stats)
+
     captured = []
     token = _CALIBRATING.set(True)
     try:
         with calibration_percentile(percentile):
-            run = _nnx.capture(forward, QuantStats)
+            fn = jax.jit(stats_of) if jit else stats_of
             for batch in batches:
-                _, stats = run(model, batch)
-                captured.append(jax.device_get(_nnx.to_pure_dict(stats)))
+                captured.append(jax.device_get(fn(state, batch)))
     finally:
         _CALIBRATING.reset(token)
     if not captured:
