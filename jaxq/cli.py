@@ -1,0 +1,399 @@
+"""The ``jaxq`` command: run a recipe (data -> float model -> quantize -> evaluate -> report).
+
+::
+
+    jaxq run configs/quickstart.yaml            # or: jaxq run quickstart ; python -m jaxq run
+    jaxq compare configs/mnist_int8_ptq.yaml    # sweep strategies on one trained model
+    jaxq validate configs/*.yaml                # check recipes without running them
+
+A run loads the data (``--data-dir``, else the recipe's ``data.data_dir``, else
+``$JAXQ_DATA_DIR``), trains the float classifier or loads it from
+``model.checkpoint``, applies every strategy of the recipe to that one model
+(PTQ, or QAT fine-tuning from it; static activation scales are calibrated on
+training batches), evaluates each on the test set, and reports accuracy, macro
+precision/recall/F1, bytes, compression and jitted latency per batch as a
+terminal table, a JSON file and a PNG plot in the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from jaxq.recipe import SHORTHANDS, Recipe, RecipeError, StrategyConfig, load_recipe, parse_recipe, parse_strategy
+
+__all__ = ["COMPARE_SWEEP", "apply_strategy", "main", "report_table", "resolve_recipe", "run_recipe"]
+
+COMPARE_SWEEP = ("fp32", "bf16", "int8", "int4", "int2", "w8a8")
+"""Strategies ``jaxq compare`` adds when the recipe names only one."""
+
+DEFAULT_RECIPE = "quickstart"
+Log = Callable[[str], None]
+
+
+# --- recipes on the command line ------------------------------------------------------------
+def resolve_recipe(name: str) -> Path:
+    """A recipe path: an existing file, else ``configs/<name>[.yaml]`` here or in the jaxq checkout."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    stem = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+    roots = [Path.cwd() / "configs", Path(__file__).resolve().parent.parent / "configs"]
+    for root in roots:
+        if (root / Path(stem).name).is_file():
+            return root / Path(stem).name
+    known = sorted({f.stem for r in roots if r.is_dir() for f in r.glob("*.yaml")})
+    raise FileNotFoundError(f"no recipe {name!r}: not a file, and not in {[str(r) for r in roots]}; "
+                            f"known recipes: {', '.join(known) or 'none'}")
+
+
+def _apply_set(raw: dict[str, Any], assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise RecipeError("--set", f"expected KEY=VALUE (e.g. train.epochs=3), got {assignment!r}")
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(".".join(parts[: i + 1]), f"--set {key}: this key is not a mapping")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def load_with_overrides(path: str | os.PathLike[str], sets: Sequence[str] = ()) -> Recipe:
+    """Loads a recipe file and applies ``--set KEY=VALUE`` overrides (validated like the file)."""
+    if not sets:
+        return load_recipe(path)
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    for s in sets:
+        _apply_set(raw, s)
+    try:
+        recipe = parse_recipe(raw)
+    except RecipeError as e:
+        raise RecipeError(e.key, f"{e.reason} (in {path} with --set overrides)") from None
+    if "name" not in raw:
+        recipe = recipe.replace(name=Path(path).stem)
+    return recipe
+
+
+def with_sweep(recipe: Recipe, names: Sequence[str] | None) -> Recipe:
+    """The recipe's strategies for ``compare``: ``names`` if given; else its list, or the sweep."""
+    if names:
+        strategies = [parse_strategy(n, f"--strategies[{i}]") for i, n in enumerate(names)]
+    elif len(recipe.strategies) > 1:
+        return recipe
+    else:
+        strategies = [parse_strategy(n) for n in COMPARE_SWEEP]
+        own = recipe.strategies[0]
+        if own.name not in {s.name for s in strategies}:
+            strategies.append(own)
+    return recipe.replace(strategies=tuple(strategies))
+
+
+# --- the flow -----------------------------------------------------------------------------------
+def _limit(ds: Any, n: int | None) -> Any:
+    if n is None or n >= len(ds):
+        return ds
+    from jaxq.data import Dataset
+
+    return Dataset(ds.images[:n], ds.labels[:n], ds.num_classes, ds.name, ds.class_names, ds.split)
+
+
+def load_data(recipe: Recipe, data_dir: str | None = None) -> tuple[Any, Any]:
+    """(train, test) datasets of the recipe; ``data_dir`` overrides ``data.data_dir``."""
+    from jaxq.data import load_dataset
+
+    d = recipe.data
+    where = data_dir or d.data_dir
+    kw = dict(source=d.source, allow_download=d.allow_download)
+    train = load_dataset(d.dataset, "train", where, **kw)
+    test = load_dataset(d.dataset, "test", where, **kw)
+    return _limit(train, d.train_limit), _limit(test, d.test_limit)
+
+
+def _model_meta(recipe: Recipe, train: Any) -> dict[str, Any]:
+    m = recipe.model
+    return {"arch": m.arch, "hidden": list(m.hidden), "channels": list(m.channels) if m.arch == "cnn" else [],
+            "num_classes": train.num_classes, "image_shape": list(train.image_shape), "dataset": train.name}
+
+
+def float_params(recipe: Recipe, model: Any, train: Any, *, retrain: bool, progress: bool,
+                 log: Log) -> tuple[Any, dict[str, Any]]:
+    """The float params: loaded from ``model.checkpoint`` if it exists (unless ``retrain``), else trained.
+
+    Returns:
+      ``(params, info)`` with ``info["source"]`` ``"checkpoint"`` or ``"trained"``,
+      the training time and the per-epoch losses.
+    """
+    import jaxq
+    from jaxq.train import train_float
+
+    ckpt = recipe.model.checkpoint
+    meta = _model_meta(recipe, train)
+    if ckpt and os.path.exists(ckpt) and not retrain:
+        tree = jaxq.load(ckpt)
+        saved = tree.get("meta", {}) if isinstance(tree, dict) else {}
+        diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+        if diff or "params" not in tree:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs recipe {b!r}" for k, (a, b) in diff.items())
+            raise RecipeError("model.checkpoint", f"{ckpt} does not hold this recipe's model ({detail or 'no params'}); "
+                              "pass --retrain to overwrite it, or point model.checkpoint elsewhere")
+        log(f"loaded float model from {ckpt}")
+        return tree["params"], {"source": "checkpoint", "path": ckpt, "train_s": 0.0, "losses": []}
+    t = recipe.train
+    log(f"training float {recipe.model.arch} on {len(train)} {train.name} images "
+        f"({t.epochs} epochs, batch {t.batch_size}, {t.optimizer} lr {t.learning_rate:g})")
+    t0 = time.perf_counter()
+    result = train_float(model, train, epochs=t.epochs, batch_size=t.batch_size, learning_rate=t.learning_rate,
+                         optimizer=t.optimizer, schedule=t.schedule, weight_decay=t.weight_decay, seed=t.seed,
+                         progress=progress)
+    info = {"source": "trained", "train_s": time.perf_counter() - t0, "losses": list(result.epoch_losses)}
+    if ckpt:
+        os.makedirs(os.path.dirname(os.path.abspath(ckpt)), exist_ok=True)
+        jaxq.save(ckpt, {"params": result.state, "meta": meta})
+        info["path"] = ckpt
+        log(f"saved float model to {ckpt}")
+    return result.state, info
+
+
+def quantize_jit(variables: Any, policy: Any, scales: Any = None) -> Any:
+    """``jaxq.quantize`` as one jitted computation (one compilation instead of one per eager op).
+
+    Under ``jit`` quantize cannot check for NaN/Inf itself, so the check runs here first.
+    """
+    import jax
+    import numpy as np
+
+    import jaxq
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        if not np.isfinite(np.asarray(leaf)).all():
+            raise ValueError(f"{jax.tree_util.keystr(path)}: the float model has NaN/Inf weights; retrain it")
+    return jax.jit(lambda v, s: jaxq.quantize(v, policy, scales=s))(variables, scales)
+
+
+def apply_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Any, *, seed: int,
+                   progress: bool) -> tuple[Any, dict[str, Any]]:
+    """The served variables of one strategy (``{"params": ...}`` [+ ``"quant_stats"``]) and extras.
+
+    PTQ quantizes the trained weights; QAT first fine-tunes them (and LSQ scales)
+    with fake quantization, then quantizes with the learned scales. Static
+    activation scales are calibrated on ``calibration_batches`` training batches.
+    """
+    import jaxq
+    import jaxq.flax
+    from jaxq.data import batches
+    from jaxq.train import train_qat
+    from tqdm.auto import tqdm
+
+    policy = strategy.policy()
+    extra: dict[str, Any] = {}
+    if strategy.is_float:
+        return {"params": params}, extra
+    scales = None
+    if strategy.method == "qat":
+        q = strategy.qat
+        params, scales, losses = train_qat(
+            model, params, train, policy, epochs=q.epochs, batch_size=q.batch_size, learning_rate=q.learning_rate,
+            scale_learning_rate=q.scale_learning_rate, learn_scales=q.learn_scales, seed=seed, progress=progress)
+        extra["qat_losses"] = list(losses)
+    variables = quantize_jit({"params": params}, policy, scales)
+    if strategy.activation_mode == "static":
+        n = strategy.calibration_batches
+        xs = (x for x, _ in batches(train, 128, shuffle=True, seed=seed, drop_remainder=True))
+        bar = tqdm(xs, total=n, desc=f"calibrate {strategy.name}", disable=not progress, leave=False, unit="batch")
+        limited = (x for i, x in zip(range(n), bar))
+        variables = {**variables, jaxq.flax.STATS: jaxq.flax.calibrate(model.apply, variables, limited, policy)}
+        bar.close()
+    return variables, extra
+
+
+def evaluate(name: str, model: Any, variables: Any, test: Any, recipe: Recipe, *, strategy: StrategyConfig | None,
+             float_nbytes: int | None, progress: bool, quantize_s: float = 0.0,
+             extra: dict[str, Any] | None = None) -> Any:
+    """Test metrics, bytes and jitted latency of ``variables`` as a :class:`~jaxq.eval.StrategyResult`."""
+    import jaxq
+    from jaxq.eval import StrategyResult, classification_metrics, make_predict_fn, measure_latency, predict
+
+    e = recipe.eval
+    bs = min(e.batch_size, len(test))
+    fn = make_predict_fn(model.apply)  # one compilation serves the metrics and the latency
+    y_pred = predict(fn, variables, test, bs, progress=progress, desc=f"eval {name}")
+    m = classification_metrics(test.labels, y_pred, test.num_classes)
+    lat = measure_latency(fn, variables, test.images[:bs], iters=e.latency_iters, warmup=e.latency_warmup,
+                          jit=False)
+    nbytes = jaxq.tree_nbytes(variables)
+    return StrategyResult(
+        name=name,
+        precision_name="fp32" if strategy is None else strategy.precision,
+        bits=32 if strategy is None else strategy.bits,
+        activations="float" if strategy is None else strategy.activations,
+        method="float" if strategy is None or strategy.is_float else strategy.method,
+        accuracy=m["accuracy"], precision=m["precision"], recall=m["recall"], f1=m["f1"],
+        nbytes=int(nbytes), compression=(float_nbytes or nbytes) / nbytes,
+        latency_ms=lat["median_ms"], latency_batch=bs, quantize_s=quantize_s,
+        extra={**(extra or {}), "latency": lat},
+    )
+
+
+def _environment() -> dict[str, Any]:
+    import jax
+
+    dev = jax.devices()[0]
+    return {"jax": jax.__version__, "backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
+            "python": platform.python_version(), "cpus": os.cpu_count()}
+
+
+def run_recipe(recipe: Recipe, *, data_dir: str | None = None, output_dir: str | None = None,
+               retrain: bool = False, progress: bool = False, log: Log | None = None) -> Any:
+    """Runs a recipe end to end and writes its outputs.
+
+    Args:
+      recipe: a validated recipe.
+      data_dir: overrides ``data.data_dir`` (and ``$JAXQ_DATA_DIR``).
+      output_dir: overrides ``output.dir``.
+      retrain: train the float model even if ``model.checkpoint`` exists.
+      progress: tqdm bars for training, calibration and evaluation.
+      log: receives one-line progress messages (default: silent).
+
+    Returns:
+      The :class:`~jaxq.eval.Report` (also written as JSON and PNG when the recipe asks).
+    """
+    from jaxq.eval import Report, plot_results, write_json
+    from jaxq.models.classifiers import build_classifier
+
+    log = log or (lambda _msg: None)
+    t_start = time.perf_counter()
+    train, test = load_data(recipe, data_dir)
+    log(f"data: {train.name} train {len(train)} / test {len(test)}, images {train.image_shape}")
+    m = recipe.model
+    model = build_classifier(m.arch, train.num_classes, hidden=m.hidden, channels=m.channels)
+    params, train_info = float_params(recipe, model, train, retrain=retrain, progress=progress, log=log)
+    import jaxq
+
+    float_nbytes = jaxq.tree_nbytes({"params": params})
+    baseline = evaluate("float", model, {"params": params}, test, recipe, strategy=None, float_nbytes=float_nbytes,
+                        progress=progress)
+    log(f"float: accuracy {100 * baseline.accuracy:.2f}%")
+    out_dir = output_dir or recipe.output_dir
+    results = []
+    for s in recipe.strategies:
+        if s.is_float:
+            results.append(dataclasses.replace(baseline, name=s.name))
+            continue
+        log(f"strategy {s.name}: {s.method} {s.precision} weights, {s.activations} activations")
+        t0 = time.perf_counter()
+        variables, extra = apply_strategy(s, model, params, train, seed=recipe.train.seed, progress=progress)
+        quantize_s = time.perf_counter() - t0
+        r = evaluate(s.name, model, variables, test, recipe, strategy=s, float_nbytes=float_nbytes,
+                     progress=progress, quantize_s=quantize_s, extra=extra)
+        log(f"strategy {s.name}: accuracy {100 * r.accuracy:.2f}% ({100 * (r.accuracy - baseline.accuracy):+.2f})")
+        results.append(r)
+        if recipe.output.save_models:
+            os.makedirs(out_dir, exist_ok=True)
+            jaxq.save(os.path.join(out_dir, f"{s.name}.jaxq"), variables)
+    info = {
+        "dataset": train.name, "n_train": len(train), "n_test": len(test), "image_shape": list(train.image_shape),
+        "float_model": train_info, "total_s": time.perf_counter() - t_start, "environment": _environment(),
+    }
+    files = {}
+    if recipe.output.json:
+        files["json"] = os.path.join(out_dir, recipe.output.json)
+    if recipe.output.plot:
+        files["plot"] = os.path.join(out_dir, recipe.output.plot)
+    info["files"] = files
+    info["title"] = f"{recipe.name}: {recipe.model.arch} on {train.name} (test n={len(test)})"
+    report = Report(recipe.to_dict(), baseline, tuple(results), info)
+    if "json" in files:
+        write_json(files["json"], report)
+    if "plot" in files:
+        plot_results(report.rows(), files["plot"], title=info["title"], baseline=baseline)
+    return report
+
+
+def report_table(report: Any) -> str:
+    """The terminal table of a report (baseline deltas and latency ratios)."""
+    from jaxq.eval import format_table
+
+    return format_table(report.rows(), report.baseline, title=report.info.get("title", ""))
+
+
+# --- argument parsing ---------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxq", description="jaxq: quantize a classifier from a YAML recipe.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare,validate}")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE,
+                        help=f"recipe file, or a name in configs/ (default: {DEFAULT_RECIPE})")
+        sp.add_argument("--data-dir", help="folder with the dataset files (default: recipe data.data_dir, "
+                                           "then $JAXQ_DATA_DIR)")
+        sp.add_argument("--output-dir", "-o", help="where the JSON and PNG go (default: recipe output.dir, "
+                                                   "then runs/<name>)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set train.epochs=3 (repeatable)")
+        sp.add_argument("--retrain", action="store_true", help="train even if model.checkpoint exists")
+        sp.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages (table only)")
+
+    common(sub.add_parser("run", help="run a recipe: train or load, quantize, evaluate, report"))
+    cp = sub.add_parser("compare", help="sweep strategies on one trained model and print one table")
+    common(cp)
+    cp.add_argument("--strategies", help=f"comma-separated strategy names ({', '.join(SHORTHANDS)}); "
+                                         f"default: the recipe's list, or {','.join(COMPARE_SWEEP)} plus its own")
+    vp = sub.add_parser("validate", help="check recipes without running them")
+    vp.add_argument("recipes", nargs="+")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``jaxq`` console script. Returns the exit status."""
+    args = _parser().parse_args(argv)
+    from jaxq.data import DatasetNotFoundError
+    from jaxq.io import CheckpointError
+
+    def err(msg: str) -> int:
+        print(f"jaxq: error: {msg}", file=sys.stderr)
+        return 2
+
+    try:
+        if args.command == "validate":
+            for name in args.recipes:
+                r = load_recipe(resolve_recipe(name))
+                print(f"{name}: ok ({r.name}: {r.model.arch} on {r.data.dataset}; "
+                      f"strategies {', '.join(s.name for s in r.strategies)})")
+            return 0
+        recipe = load_with_overrides(resolve_recipe(args.recipe), args.set)
+        if args.command == "compare":
+            names = [n.strip() for n in args.strategies.split(",") if n.strip()] if args.strategies else None
+            recipe = with_sweep(recipe, names)
+        quiet = args.quiet
+        progress = not quiet and sys.stderr.isatty()
+        log = None if quiet else (lambda msg: print(f"[jaxq] {msg}", file=sys.stderr, flush=True))
+        report = run_recipe(recipe, data_dir=args.data_dir, output_dir=args.output_dir, retrain=args.retrain,
+                            progress=progress, log=log)
+    except RecipeError as e:
+        return err(f"invalid recipe: {e}")
+    except (FileNotFoundError, DatasetNotFoundError, CheckpointError) as e:
+        return err(str(e))
+    print(report_table(report))
+    files = report.info.get("files", {})
+    if files:
+        print("\n" + "\n".join(f"{k}: {v}" for k, v in files.items()))
+    print(f"total {report.info['total_s']:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
