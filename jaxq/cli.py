@@ -151,7 +151,9 @@ def float_params(recipe: Recipe, model: Any, train: Any, *, retrain: bool, progr
             raise RecipeError("model.checkpoint", f"{ckpt} does not hold this recipe's model ({detail or 'no params'}); "
                               "pass --retrain to overwrite it, or point model.checkpoint elsewhere")
         log(f"loaded float model from {ckpt}")
-        return tree["params"], {"source": "checkpoint", "path": ckpt, "train_s": 0.0, "losses": []}
+        import jax
+
+        return jax.tree_util.tree_map(jax.numpy.asarray, tree["params"]), {"source": "checkpoint", "path": ckpt, "train_s": 0.0, "losses": []}
     t = recipe.train
     log(f"training float {recipe.model.arch} on {len(train)} {train.name} images "
         f"({t.epochs} epochs, batch {t.batch_size}, {t.optimizer} lr {t.learning_rate:g})")
