@@ -26,9 +26,30 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import yaml
+from tqdm.auto import tqdm
 
+import jaxq
+import jaxq.flax
+from jaxq.data import Dataset, DatasetNotFoundError, batches, load_dataset
+from jaxq.eval import (
+    Report,
+    StrategyResult,
+    classification_metrics,
+    format_table,
+    make_predict_fn,
+    measure_latency,
+    plot_results,
+    predict,
+    write_json,
+)
+from jaxq.io import CheckpointError
+from jaxq.models.classifiers import build_classifier
 from jaxq.recipe import SHORTHANDS, Recipe, RecipeError, StrategyConfig, load_recipe, parse_recipe, parse_strategy
+from jaxq.train import train_float, train_qat
 
 __all__ = ["COMPARE_SWEEP", "apply_strategy", "main", "report_table", "resolve_recipe", "run_recipe"]
 
@@ -103,18 +124,14 @@ def with_sweep(recipe: Recipe, names: Sequence[str] | None) -> Recipe:
 
 
 # --- the flow -----------------------------------------------------------------------------------
-def _limit(ds: Any, n: int | None) -> Any:
+def _limit(ds: Dataset, n: int | None) -> Dataset:
     if n is None or n >= len(ds):
         return ds
-    from jaxq.data import Dataset
-
     return Dataset(ds.images[:n], ds.labels[:n], ds.num_classes, ds.name, ds.class_names, ds.split)
 
 
-def load_data(recipe: Recipe, data_dir: str | None = None) -> tuple[Any, Any]:
+def load_data(recipe: Recipe, data_dir: str | None = None) -> tuple[Dataset, Dataset]:
     """(train, test) datasets of the recipe; ``data_dir`` overrides ``data.data_dir``."""
-    from jaxq.data import load_dataset
-
     d = recipe.data
     where = data_dir or d.data_dir
     kw = dict(source=d.source, allow_download=d.allow_download)
@@ -123,13 +140,13 @@ def load_data(recipe: Recipe, data_dir: str | None = None) -> tuple[Any, Any]:
     return _limit(train, d.train_limit), _limit(test, d.test_limit)
 
 
-def _model_meta(recipe: Recipe, train: Any) -> dict[str, Any]:
+def _model_meta(recipe: Recipe, train: Dataset) -> dict[str, Any]:
     m = recipe.model
     return {"arch": m.arch, "hidden": list(m.hidden), "channels": list(m.channels) if m.arch == "cnn" else [],
             "num_classes": train.num_classes, "image_shape": list(train.image_shape), "dataset": train.name}
 
 
-def float_params(recipe: Recipe, model: Any, train: Any, *, retrain: bool, progress: bool,
+def float_params(recipe: Recipe, model: Any, train: Dataset, *, retrain: bool, progress: bool,
                  log: Log) -> tuple[Any, dict[str, Any]]:
     """The float params: loaded from ``model.checkpoint`` if it exists (unless ``retrain``), else trained.
 
@@ -137,9 +154,6 @@ def float_params(recipe: Recipe, model: Any, train: Any, *, retrain: bool, progr
       ``(params, info)`` with ``info["source"]`` ``"checkpoint"`` or ``"trained"``,
       the training time and the per-epoch losses.
     """
-    import jaxq
-    from jaxq.train import train_float
-
     ckpt = recipe.model.checkpoint
     meta = _model_meta(recipe, train)
     if ckpt and os.path.exists(ckpt) and not retrain:
@@ -151,9 +165,8 @@ def float_params(recipe: Recipe, model: Any, train: Any, *, retrain: bool, progr
             raise RecipeError("model.checkpoint", f"{ckpt} does not hold this recipe's model ({detail or 'no params'}); "
                               "pass --retrain to overwrite it, or point model.checkpoint elsewhere")
         log(f"loaded float model from {ckpt}")
-        import jax
-
-        return jax.tree_util.tree_map(jax.numpy.asarray, tree["params"]), {"source": "checkpoint", "path": ckpt, "train_s": 0.0, "losses": []}
+        params = jax.tree_util.tree_map(jnp.asarray, tree["params"])
+        return params, {"source": "checkpoint", "path": ckpt, "train_s": 0.0, "losses": []}
     t = recipe.train
     log(f"training float {recipe.model.arch} on {len(train)} {train.name} images "
         f"({t.epochs} epochs, batch {t.batch_size}, {t.optimizer} lr {t.learning_rate:g})")
@@ -175,18 +188,13 @@ def quantize_jit(variables: Any, policy: Any, scales: Any = None) -> Any:
 
     Under ``jit`` quantize cannot check for NaN/Inf itself, so the check runs here first.
     """
-    import jax
-    import numpy as np
-
-    import jaxq
-
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
         if not np.isfinite(np.asarray(leaf)).all():
             raise ValueError(f"{jax.tree_util.keystr(path)}: the float model has NaN/Inf weights; retrain it")
     return jax.jit(lambda v, s: jaxq.quantize(v, policy, scales=s))(variables, scales)
 
 
-def apply_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Any, *, seed: int,
+def apply_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Dataset, *, seed: int,
                    progress: bool) -> tuple[Any, dict[str, Any]]:
     """The served variables of one strategy (``{"params": ...}`` [+ ``"quant_stats"``]) and extras.
 
@@ -194,12 +202,6 @@ def apply_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Any
     with fake quantization, then quantizes with the learned scales. Static
     activation scales are calibrated on ``calibration_batches`` training batches.
     """
-    import jaxq
-    import jaxq.flax
-    from jaxq.data import batches
-    from jaxq.train import train_qat
-    from tqdm.auto import tqdm
-
     policy = strategy.policy()
     extra: dict[str, Any] = {}
     if strategy.is_float:
@@ -222,13 +224,10 @@ def apply_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Any
     return variables, extra
 
 
-def evaluate(name: str, model: Any, variables: Any, test: Any, recipe: Recipe, *, strategy: StrategyConfig | None,
+def evaluate(name: str, model: Any, variables: Any, test: Dataset, recipe: Recipe, *, strategy: StrategyConfig | None,
              float_nbytes: int | None, progress: bool, quantize_s: float = 0.0,
-             extra: dict[str, Any] | None = None) -> Any:
+             extra: dict[str, Any] | None = None) -> StrategyResult:
     """Test metrics, bytes and jitted latency of ``variables`` as a :class:`~jaxq.eval.StrategyResult`."""
-    import jaxq
-    from jaxq.eval import StrategyResult, classification_metrics, make_predict_fn, measure_latency, predict
-
     e = recipe.eval
     bs = min(e.batch_size, len(test))
     fn = make_predict_fn(model.apply)  # one compilation serves the metrics and the latency
@@ -251,15 +250,13 @@ def evaluate(name: str, model: Any, variables: Any, test: Any, recipe: Recipe, *
 
 
 def _environment() -> dict[str, Any]:
-    import jax
-
     dev = jax.devices()[0]
     return {"jax": jax.__version__, "backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
             "python": platform.python_version(), "cpus": os.cpu_count()}
 
 
 def run_recipe(recipe: Recipe, *, data_dir: str | None = None, output_dir: str | None = None,
-               retrain: bool = False, progress: bool = False, log: Log | None = None) -> Any:
+               retrain: bool = False, progress: bool = False, log: Log | None = None) -> Report:
     """Runs a recipe end to end and writes its outputs.
 
     Args:
@@ -273,9 +270,6 @@ def run_recipe(recipe: Recipe, *, data_dir: str | None = None, output_dir: str |
     Returns:
       The :class:`~jaxq.eval.Report` (also written as JSON and PNG when the recipe asks).
     """
-    from jaxq.eval import Report, plot_results, write_json
-    from jaxq.models.classifiers import build_classifier
-
     log = log or (lambda _msg: None)
     t_start = time.perf_counter()
     train, test = load_data(recipe, data_dir)
@@ -283,8 +277,6 @@ def run_recipe(recipe: Recipe, *, data_dir: str | None = None, output_dir: str |
     m = recipe.model
     model = build_classifier(m.arch, train.num_classes, hidden=m.hidden, channels=m.channels)
     params, train_info = float_params(recipe, model, train, retrain=retrain, progress=progress, log=log)
-    import jaxq
-
     float_nbytes = jaxq.tree_nbytes({"params": params})
     baseline = evaluate("float", model, {"params": params}, test, recipe, strategy=None, float_nbytes=float_nbytes,
                         progress=progress)
@@ -325,10 +317,8 @@ def run_recipe(recipe: Recipe, *, data_dir: str | None = None, output_dir: str |
     return report
 
 
-def report_table(report: Any) -> str:
+def report_table(report: Report) -> str:
     """The terminal table of a report (baseline deltas and latency ratios)."""
-    from jaxq.eval import format_table
-
     return format_table(report.rows(), report.baseline, title=report.info.get("title", ""))
 
 
@@ -362,9 +352,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxq`` console script. Returns the exit status."""
     args = _parser().parse_args(argv)
-    from jaxq.data import DatasetNotFoundError
-    from jaxq.io import CheckpointError
-
     def err(msg: str) -> int:
         print(f"jaxq: error: {msg}", file=sys.stderr)
         return 2
