@@ -21,6 +21,7 @@ stores the frozen scale on the layer as an :class:`ActScale` variable (not a
 from __future__ import annotations
 
 import builtins
+import contextvars
 from typing import Any, Callable, Iterable
 
 import flax.nnx as _nnx
@@ -66,7 +67,7 @@ class ActScale(_nnx.Variable):
     """A frozen static activation scale stored on a layer by :func:`calibrate`."""
 
 
-_CALIBRATING = hooks.contextvars.ContextVar("jaxq_nnx_calibrating", default=False)
+_CALIBRATING: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxq_nnx_calibrating", default=False)
 
 
 class _KernelRef:
