@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxq import flax as jflax
 from jaxq.data import Dataset, batches, num_batches
 from jaxq.policy import Policy
 
@@ -206,8 +207,6 @@ def train_qat(
       scales (``None`` without ``learn_scales``), to be passed to
       ``jaxq.quantize(params, policy, scales=scales)`` for serving.
     """
-    from jaxq import flax as jflax  # the Flax layer sits above this module's imports
-
     batch_size = min(batch_size, len(dataset))
     steps = epochs * num_batches(dataset, batch_size, drop_remainder=True)
     w_lr = optax.cosine_decay_schedule(learning_rate, max(1, steps))

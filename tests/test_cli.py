@@ -182,3 +182,19 @@ def test_python_dash_m_validate():
                            "configs/mnist_w2_qat.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "quickstart.yaml: ok" in proc.stdout and "mnist_w2_qat.yaml: ok" in proc.stdout
+
+
+def test_report_metrics_match_scikit_learn():
+    import numpy as np
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    from jaxq.eval import classification_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 500)
+    p = np.where(rng.random(500) < 0.7, y, rng.integers(0, 5, 500))
+    p[p == 4] = 3  # class 4 never predicted: its precision is 0/0 -> 0
+    m = classification_metrics(y, p, 5)
+    prec, rec, f1, _ = precision_recall_fscore_support(y, p, labels=range(5), average="macro", zero_division=0)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert (m["precision"], m["recall"], m["f1"]) == pytest.approx((prec, rec, f1))
