@@ -83,8 +83,13 @@ class Policy:
         return None if rule is None else rule.weight
 
 
+# Presets skip biases (even rank-2 ones of DenseGeneral) and embedding tables: a
+# lookup is not a matmul, and Flax's Embed indexes its table directly.
+PRESET_PATTERN = r"^(?!(?:.*/)?(?:bias|embedding)$)"
+
+
 def _preset_rule(weight: str | QuantSpec | None, activation: str | QuantSpec | None = None) -> Rule:
-    return Rule(".*", weight=weight, activation=activation, floats_only=True)
+    return Rule(PRESET_PATTERN, weight=weight, activation=activation, floats_only=True)
 
 
 _A8 = QuantSpec("int8", granularity="per_token")

@@ -96,7 +96,8 @@ def quantize(
       policy: a :class:`Policy`, a preset name (``"int8"``, ``"int4"``,
         ``"int4-g128"``, ``"nf4-g64"``, ``"fp8"``, ``"bf16"``, ...), rules, or
         ``None`` for int8 symmetric per-output-channel on every float leaf of
-        rank >= 2 (biases, norms and scalars stay as they are).
+        rank >= 2 (biases, norms and scalars stay as they are; presets also
+        leave leaves named ``bias`` or ``embedding`` in float).
       strict: raise if a rule of the policy matched no leaf (catches typos).
       scales: optional ``{path: scale}`` or ``{path: (scale, zero_point)}`` of
         precomputed scales, e.g. learned by quantization-aware training.

@@ -29,17 +29,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxq.flax import linen as qnn
+
 DENSE_INPUTS = "dense_inputs"
 """Name of the variable collection that :class:`Dense` sows its inputs into."""
 
 Dtype = Any
 
 
-class Dense(nn.Dense):
-    """``nn.Dense`` that records its input in the ``'dense_inputs'`` collection.
+class Dense(qnn.Dense):
+    """jaxq's drop-in ``Dense`` that also records its input in ``'dense_inputs'``.
 
-    Behaves exactly like ``nn.Dense`` (same fields, same params, honours ``dot_general``,
-    ``promote_dtype`` ...). The extra ``sow`` only happens when ``'dense_inputs'`` is mutable
+    Behaves exactly like ``nn.Dense`` on float params (same fields, same params, honours
+    ``dot_general``, ``promote_dtype`` ...) and runs quantized on a tree from
+    :func:`jaxq.quantize` (it is :class:`jaxq.flax.linen.Dense`). The extra ``sow`` only happens when ``'dense_inputs'`` is mutable
     and never during ``init`` (so ``init`` returns only params).
     """
 

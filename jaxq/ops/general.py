@@ -16,11 +16,13 @@ straight to ``jax.lax``. A QArray weight takes the fastest exact route:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxq.ops.activations import quantize_activation
 from jaxq.ops.qmatmul import qmatmul
@@ -99,18 +101,56 @@ def dot_general(
 
 def einsum(subscripts: str, *operands: Any, precision: Any = None, preferred_element_type: Any = None,
            act_spec: QuantSpec | None = None, act_scale: jax.Array | None = None, **kwargs: Any) -> jax.Array:
-    """``jnp.einsum`` that accepts QArray operands (dequantized inside the computation)."""
-    ops = []
-    for i, op in enumerate(operands):
-        if isinstance(op, QArray):
-            act_spec = act_spec if act_spec is not None else op.meta.act_spec
-            ops.append(op.dequantize())
-        elif i == 0 and act_spec is not None:
-            ops.append(_fake_quant_activation(op, act_spec, act_scale))
-        else:
-            ops.append(op)
+    """``jnp.einsum`` that accepts QArray operands (dequantized inside the computation).
+
+    With an activation spec (given, or recorded in a QArray operand's metadata),
+    the float operands are fake-quantized on the int8 grid first.
+    """
+    if act_spec is None:
+        act_spec = next((op.meta.act_spec for op in operands if isinstance(op, QArray)), None)
+    ops = [
+        op.dequantize() if isinstance(op, QArray) else _fake_quant_activation(op, act_spec, act_scale)
+        for op in operands
+    ]
     kw = {k: v for k, v in kwargs.items() if k in ("optimize", "out_sharding")}
     return jnp.einsum(subscripts, *ops, precision=precision, preferred_element_type=preferred_element_type, **kw)
+
+
+def _hashable(v: Any) -> Any:
+    """Lists -> tuples (recursively), so conv settings can be static custom_vjp args."""
+    if hasattr(v, "_fields"):  # namedtuples such as ConvDimensionNumbers are hashable already
+        return v
+    if isinstance(v, (list, tuple)):
+        return tuple(_hashable(a) for a in v)
+    return v
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _conv_w8a8(x, codes, w_scale, act_scale, cfg):
+    conv_args, act_spec, out_axis, out_dtype = cfg
+    xq, xs = quantize_activation(x, act_spec, act_scale)
+    acc = jax.lax.conv_general_dilated(xq, codes, *conv_args, preferred_element_type=jnp.int32)
+    shape = [1] * x.ndim
+    shape[out_axis] = -1
+    return (acc.astype(jnp.float32) * xs.reshape(()) * w_scale.astype(jnp.float32).reshape(shape)).astype(out_dtype)
+
+
+def _conv_w8a8_fwd(x, codes, w_scale, act_scale, cfg):
+    return _conv_w8a8(x, codes, w_scale, act_scale, cfg), (x, codes, w_scale, act_scale)
+
+
+def _conv_w8a8_bwd(cfg, res, g):
+    conv_args = cfg[0]
+    x, codes, w_scale, act_scale = res
+    w = codes.astype(jnp.float32) * w_scale.astype(jnp.float32)
+    # Straight-through: the input gradient of the float conv on the dequantized kernel.
+    _, vjp = jax.vjp(lambda x: jax.lax.conv_general_dilated(x, w.astype(x.dtype), *conv_args), x)
+    (dx,) = vjp(g.astype(x.dtype))
+    zero = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
+    return dx, np.zeros(codes.shape, dtype=jax.dtypes.float0), zero(w_scale), zero(act_scale)
+
+
+_conv_w8a8.defvjp(_conv_w8a8_fwd, _conv_w8a8_bwd)
 
 
 def conv_general_dilated(
@@ -159,11 +199,11 @@ def conv_general_dilated(
     w_scale = rhs.scale.astype(jnp.float32).reshape(scale_shape)
     if act_spec is not None:
         spec = act_spec if act_spec.granularity == "per_tensor" else act_spec.replace(granularity="per_tensor")
-        xq, xs = quantize_activation(jax.lax.stop_gradient(lhs), spec, act_scale)
-        acc = conv(xq, rhs.codes, jnp.int32).astype(jnp.float32)
-        y = (acc * xs.reshape(()) * w_scale).astype(out_dtype)
-        # Straight-through gradient for the activations, through the dequantized kernel.
-        y_float = conv(lhs, jax.lax.stop_gradient(rhs.dequantize(lhs.dtype)))
-        return y_float + jax.lax.stop_gradient(y - y_float)
+        conv_args = _hashable((window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                               feature_group_count, batch_group_count, precision))
+        if act_scale is not None:
+            act_scale = jnp.asarray(act_scale, jnp.float32)
+        cfg = (conv_args, spec, out_feature_axis_y, jnp.dtype(out_dtype))
+        return _conv_w8a8(lhs, rhs.codes, rhs.scale, act_scale, cfg)
     acc = conv(lhs, rhs.codes.astype(lhs.dtype), jnp.float32)
     return (acc * w_scale).astype(out_dtype)
