@@ -145,3 +145,14 @@ def test_w8a8_rejects_non_int_weights(w):
     q = jaxq.quantize_array(w, QuantSpec("nf4", "per_group", 64))
     with pytest.raises(ValueError, match="W8A8 needs integer weights"):
         qmatmul(jnp.ones((1, 256)), q, act_spec=A8)
+
+
+def test_w8a8_conv_forward_is_one_int8_convolution():
+    x = jax.random.normal(jax.random.key(12), (1, 8, 8, 16))
+    q = jaxq.quantize({"w": jax.random.normal(jax.random.key(13), (3, 3, 16, 8))}, "w8a8")["w"]
+    jaxpr = jax.make_jaxpr(lambda x: conv_general_dilated(x, q, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))(x)
+    inner = jaxpr.jaxpr.eqns[0].params["call_jaxpr"].eqns
+    convs = [e for e in inner if e.primitive.name == "conv_general_dilated"]
+    assert len(convs) == 1  # no float convolution on a dequantized copy in the forward pass
+    assert [v.aval.dtype for v in convs[0].invars] == [jnp.int8, jnp.int8]
+    assert convs[0].params["preferred_element_type"] == jnp.int32
