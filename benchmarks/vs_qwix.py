@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="recipe giving the data and the float model (its checkpoint is reused)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--batch", type=int, nargs="+", default=[32, 1000], help="latency batch sizes")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
 
