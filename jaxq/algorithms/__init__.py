@@ -19,7 +19,7 @@ from jaxq.algorithms.baseline import mse_clip, rtn
 from jaxq.algorithms.bias_correction import bias_correction
 from jaxq.algorithms.gptq import GPTQResult, gptq, inverse_cholesky
 from jaxq.algorithms.smoothquant import PER_TOKEN_INT8, SmoothQuantResult, smoothing_factors, smoothquant, w8a8_matmul
-from jaxq.algorithms.stats import CalibStats, as_stats, compute_stats, init_stats, merge_stats, update_stats
+from jaxq.algorithms.stats import CalibStats, as_stats, compute_stats, init_stats, merge_stats, scale_stats, update_stats
 
 __all__ = [
     "AWQResult",
@@ -38,6 +38,7 @@ __all__ = [
     "merge_stats",
     "mse_clip",
     "rtn",
+    "scale_stats",
     "smoothing_factors",
     "smoothquant",
     "update_stats",

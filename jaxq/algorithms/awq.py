@@ -214,6 +214,7 @@ def awq(
         one = jnp.ones((k,), jnp.float32)
         z = jnp.zeros((), jnp.float32)
         return AWQResult(qs if many else qs[0], one, z, z, z)
+    C.weight_layout(spec, (k, sum(int(wi.shape[1]) for wi in ws)), name)
     if not 0.0 <= max_shrink < 1.0:
         raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink}")
     splits, start = [], 0
@@ -232,7 +233,7 @@ def awq(
         clip_grid=int(clip_grid),
         max_shrink=float(max_shrink),
         clip=bool(clip),
-        name=name,
+        name="",  # validated above; a per-layer static name would recompile for every layer
         splits=tuple(splits),
     )
     q = qs if many else qs[0]

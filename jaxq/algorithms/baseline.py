@@ -22,12 +22,16 @@ def _quantize(w, spec, name):
 
 def rtn(w: jax.Array, spec: QuantSpec | str, *, name: str = "") -> QArray:
     """Round-to-nearest quantization (no calibration data)."""
-    return _quantize(w, as_spec(spec), name)
+    spec = as_spec(spec)
+    if spec.fmt.has_scale:
+        spec.tiling(w.shape, where=name)  # validate here: the jitted core has no per-layer name
+    return _quantize(w, spec, "")
 
 
 def mse_clip(w: jax.Array, spec: QuantSpec | str, *, name: str = "") -> QArray:
     """Quantization with the core's per-group MSE clip search (no calibration data)."""
     spec = as_spec(spec)
     if spec.fmt.kind in ("cast", "none"):
-        return _quantize(w, spec, name)
-    return _quantize(w, spec.replace(range_method="mse"), name)
+        return _quantize(w, spec, "")
+    spec.tiling(w.shape, where=name)
+    return _quantize(w, spec.replace(range_method="mse"), "")

@@ -280,7 +280,7 @@ def gptq(
         percdamp=float(percdamp),
         act_order=bool(act_order),
         static_groups=bool(static_groups),
-        name=name,
+        name="",  # validated above; a per-layer static name would recompile for every layer
         dtype=np.dtype(w.dtype),
     )
     return GPTQResult(q, loss)

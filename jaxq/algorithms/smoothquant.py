@@ -99,7 +99,9 @@ def smoothquant(
             f"got shapes {[tuple(x.shape) for x in ws]}"
         )
     stats = as_stats(calib, k, name, hessian=False)
-    qs, smoothed, s = _smooth(tuple(ws), stats.abs_max, alpha, spec=spec, act_spec=act_spec, name=name)
+    for wi in ws:
+        spec.tiling(wi.shape, where=name)  # validate here: the jitted core has no per-layer name
+    qs, smoothed, s = _smooth(tuple(ws), stats.abs_max, alpha, spec=spec, act_spec=act_spec, name="")
     if many:
         return SmoothQuantResult(tuple(qs), tuple(smoothed), s)
     return SmoothQuantResult(qs[0], smoothed[0], s)

@@ -70,7 +70,6 @@ def init_stats(k: int, hessian: bool = True) -> CalibStats:
     )
 
 
-@partial(jax.jit, static_argnames=("name",))
 def update_stats(
     stats: CalibStats, x: jax.Array, weights: jax.Array | None = None, *, name: str = ""
 ) -> CalibStats:
@@ -83,19 +82,24 @@ def update_stats(
         0 are ignored, also by ``abs_max``.
       name: layer name for error messages.
 
-    Jitted (``name`` is static); shapes are checked at trace time.
+    Shapes are checked here, then a jitted core runs (works under an outer ``jit`` too).
     """
+    check_channels(name, x.shape, stats.channels)
+    if weights is not None and tuple(weights.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"row weights for {name or 'layer'} have shape {tuple(weights.shape)}; "
+            f"expected {tuple(x.shape[:-1])} (the activations' leading axes)"
+        )
+    return _update(stats, x, weights)
+
+
+@jax.jit
+def _update(stats: CalibStats, x: jax.Array, weights: jax.Array | None) -> CalibStats:
     k = stats.channels
-    check_channels(name, x.shape, k)
     x2 = x.reshape(-1, k).astype(jnp.float32)
     if weights is None:
         w = jnp.ones((x2.shape[0],), jnp.float32)
     else:
-        if tuple(weights.shape) != tuple(x.shape[:-1]):
-            raise ValueError(
-                f"row weights for {name or 'layer'} have shape {tuple(weights.shape)}; "
-                f"expected {tuple(x.shape[:-1])} (the activations' leading axes)"
-            )
         w = weights.reshape(-1).astype(jnp.float32)
     xw = x2 * w[:, None]
     xtx = stats.xtx
@@ -150,3 +154,19 @@ def as_stats(calib: "CalibStats | jax.Array", k: int, name: str = "", hessian: b
     shape = tuple(getattr(calib, "shape", ()))
     check_channels(name, shape, k)
     return compute_stats(calib, hessian=hessian, name=name)
+
+
+def scale_stats(stats: CalibStats, s: jax.Array) -> CalibStats:
+    """Statistics of ``x / s`` from those of ``x`` (exact): what a layer sees after AWQ or
+    SmoothQuant folded ``1/s`` into the op before it.
+
+    ``xtx -> xtx / (s s^T)``, ``x_sum, abs_sum, abs_max -> / s`` (``s > 0``).
+    """
+    s = s.astype(jnp.float32)
+    return CalibStats(
+        xtx=None if stats.xtx is None else stats.xtx / (s[:, None] * s[None, :]),
+        x_sum=stats.x_sum / s,
+        abs_sum=stats.abs_sum / s,
+        abs_max=stats.abs_max / s,
+        count=stats.count,
+    )

@@ -1,0 +1,367 @@
+"""Block-by-block (sequential) calibration of a transformer, as in GPTQ/AWQ's reference code.
+
+The model is ``embed -> block_0 ... block_{L-1} -> head`` (the protocol of :mod:`jaxq.models`).
+Starting from the embedded calibration tokens ``h`` (``[B, T, D]``), for each block ``i``:
+
+1. (AWQ, SmoothQuant) collect input statistics of every Dense on the *float* block, search one
+   scale ``s`` per input group and apply it exactly: kernel rows ``* s``, ``1/s`` folded into
+   the norm or Dense before (see :mod:`jaxq.algorithms.layouts`);
+2. for each input group in forward order, collect its input statistics by running the block —
+   with the groups before it already quantized (``true_sequential``) — on ``h``, then quantize
+   its Dense kernels with the recipe's method (RTN, MSE clip, GPTQ, AWQ clip search,
+   SmoothQuant W8A8), optionally correcting biases;
+3. ``h <- block_q(h)``: the *quantized* block's output feeds the next block, so later blocks
+   calibrate on the inputs they will really see (W8A8 recipes also fake-quantize activations
+   per token in this forward).
+
+Only one block's parameters (float and quantized) and the calibration activations ``h`` of one
+block boundary are live at a time, plus a ``[K, K]`` Hessian per input group; the statistics
+are accumulated over micro-batches of ``batch_size`` sequences, so the captured Dense inputs
+never exceed one micro-batch. Blocks can be produced lazily (``blocks`` may be a function of
+the block index), so the float model never needs to be materialised whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxq.algorithms import layouts as L
+from jaxq.algorithms.awq import awq
+from jaxq.algorithms.baseline import mse_clip, rtn
+from jaxq.algorithms.bias_correction import bias_correction
+from jaxq.algorithms.gptq import gptq
+from jaxq.algorithms.smoothquant import PER_TOKEN_INT8, smoothquant
+from jaxq.algorithms.stats import CalibStats, init_stats, scale_stats, update_stats
+from jaxq.qarray import QArray
+from jaxq.spec import QuantSpec, as_spec
+
+METHODS = ("rtn", "mse", "gptq", "awq", "smoothquant")
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What the sequential driver does to each Dense kernel.
+
+    Attributes:
+      method: ``"rtn"``, ``"mse"``, ``"gptq"``, ``"awq"`` or ``"smoothquant"``.
+      spec: weight spec (``"int4-g128"``, a :class:`QuantSpec`, ...).
+      act_spec: activation spec for W8A8 (recorded in the QArrays and simulated in the
+        calibration forward); a format name such as ``"int8"`` means dynamic per-token.
+        ``"smoothquant"`` defaults to dynamic per-token int8.
+      block_size, percdamp, act_order: GPTQ options.
+      awq_grid, awq_clip: AWQ's ``alpha`` grid size and whether to search clip ratios.
+      alpha: SmoothQuant migration strength.
+      true_sequential: re-collect each input group's statistics after the groups before it in
+        the block were quantized (GPTQ's ``--true-sequential``).
+      bias_correction: correct the biases of Dense layers that have one.
+      skip: regex on ``"layers_{i}/attn/q_proj"``; matching Dense layers stay float.
+    """
+
+    method: str = "gptq"
+    spec: QuantSpec | str = "int4-g128"
+    act_spec: QuantSpec | None = None
+    block_size: int = 128
+    percdamp: float = 0.01
+    act_order: bool = True
+    awq_grid: int = 20
+    awq_clip: bool = True
+    alpha: float = 0.5
+    true_sequential: bool = True
+    bias_correction: bool = False
+    skip: str | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        object.__setattr__(self, "spec", as_spec(self.spec))
+        act = self.act_spec
+        if isinstance(act, str):  # a format name means dynamic per-token activations
+            act = QuantSpec(format=act, granularity="per_token")
+        if act is None and self.method == "smoothquant":
+            act = PER_TOKEN_INT8
+        object.__setattr__(self, "act_spec", act)
+        if self.skip is not None:
+            re.compile(self.skip)
+
+    @property
+    def needs_hessian(self) -> bool:
+        return self.method in ("gptq", "awq")
+
+    @property
+    def needs_stats(self) -> bool:
+        return self.method in ("gptq", "awq", "smoothquant") or self.bias_correction
+
+
+class BlockReport(NamedTuple):
+    """Per-block record: wall seconds, and each Dense's algorithm loss (GPTQ/AWQ) or NaN."""
+
+    index: int
+    seconds: float
+    losses: dict[str, float]
+
+
+# --- param tree helpers -------------------------------------------------------------------
+def _flat(tree: Params) -> dict[tuple[str, ...], Any]:
+    return traverse_util.flatten_dict(flax.core.unfreeze(tree))
+
+
+def _get(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _fake_quant_dot_general(act_spec: QuantSpec) -> Callable[..., jax.Array]:
+    """A ``dot_general`` for Flax's hook that fake-quantizes the activations (lhs) first."""
+    from jaxq.ste import fake_quant
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+        return jax.lax.dot_general(fake_quant(lhs, act_spec), rhs, dimension_numbers, precision, preferred_element_type, **kw)
+
+    return dot_general
+
+
+class _BlockRunner:
+    """Jitted block forward and statistics collection for one model (compiled once per shape)."""
+
+    def __init__(self, model: Any, act_spec: QuantSpec | None, batch_size: int):
+        from jaxq.models import blocks
+
+        self.batch_size = batch_size
+        fwd = model
+        if act_spec is not None:
+            kwargs = dict(getattr(model, "dense_kwargs", {}) or {})
+            kwargs["dot_general"] = _fake_quant_dot_general(act_spec)
+            fwd = model.clone(dense_kwargs=flax.core.FrozenDict(kwargs))
+
+        # One compiled function per block shape serves both the forward and the statistics: it
+        # returns the block output and every Dense input of the micro-batch (sown before any
+        # activation fake-quant, i.e. the float inputs); statistics are updated outside, by a
+        # jitted update compiled once per input width.
+        @jax.jit
+        def run(bp, h):
+            return blocks.apply_block(fwd, bp, h, capture_inputs=True)
+
+        self._run = run
+
+    def chunks(self, h: jax.Array):
+        b = self.batch_size
+        for i in range(0, h.shape[0], b):
+            yield h[i : i + b]
+
+    def forward(self, bp: Params, h: jax.Array) -> jax.Array:
+        return jnp.concatenate([self._run(bp, c)[0] for c in self.chunks(h)], axis=0)
+
+    def dense_paths(self, bp: Params, h: jax.Array) -> list[tuple[str, ...]]:
+        """Paths of the block's Dense layers (from the capture tree; sorted, not call order)."""
+        xs = jax.eval_shape(self._run, bp, h[: self.batch_size])[1]
+        flat = traverse_util.flatten_dict(flax.core.unfreeze(xs))
+        return [tuple(k) for k in flat]
+
+    def collect(
+        self, bp: Params, h: jax.Array, groups: Sequence[L.InputGroup], hessian: bool
+    ) -> dict[str, CalibStats]:
+        """Statistics of each group's input (the first Dense's input), over all of ``h``."""
+        stats = {}
+        for g in groups:
+            k = int(_get(bp, g.denses[0])["kernel"].shape[0])
+            stats[g.name] = init_stats(k, hessian=hessian)
+        for c in self.chunks(h):
+            xs = self._run(bp, c)[1]
+            for g in groups:
+                stats[g.name] = update_stats(stats[g.name], _get(xs, g.denses[0]), name=g.name)
+        return stats
+
+
+@functools.lru_cache(maxsize=8)
+def _runner(model: Any, act_spec: QuantSpec | None, batch_size: int) -> _BlockRunner:
+    """Runners are cached so that repeated calibrations of one model reuse compiled blocks."""
+    return _BlockRunner(model, act_spec, batch_size)
+
+
+def _apply_scale(bp: dict, group: L.InputGroup, s: jax.Array) -> None:
+    """In place on a mutable block tree: kernel rows ``* s``; ``1/s`` folded into the fold target."""
+    s32 = s.astype(jnp.float32)
+    for p in group.denses:
+        d = _get(bp, p)
+        d["kernel"] = (d["kernel"].astype(jnp.float32) * s32[:, None]).astype(d["kernel"].dtype)
+    target = _get(bp, group.fold.path)
+    if isinstance(group.fold, L.NormFold):
+        for name in ("scale", "bias"):
+            if name in target:
+                target[name] = (target[name].astype(jnp.float32) / s32).astype(target[name].dtype)
+    else:
+        target["kernel"] = (target["kernel"].astype(jnp.float32) / s32[None, :]).astype(target["kernel"].dtype)
+        if "bias" in target:
+            target["bias"] = (target["bias"].astype(jnp.float32) / s32).astype(target["bias"].dtype)
+
+
+def _copy_tree(tree: Params) -> dict:
+    return traverse_util.unflatten_dict(dict(_flat(tree)))
+
+
+def quantize_block(
+    runner: _BlockRunner,
+    bp: Params,
+    h: jax.Array,
+    layout: Sequence[L.InputGroup],
+    recipe: Recipe,
+    prefix: str = "",
+) -> tuple[dict, dict, dict[str, float]]:
+    """Quantizes one block; returns ``(quantized params, dequantized params for the forward, losses)``."""
+    spec = recipe.spec
+    bp = _copy_tree(bp)
+    losses: dict[str, float] = {}
+
+    def skipped(p):
+        return recipe.skip is not None and re.search(recipe.skip, f"{prefix}{'/'.join(p)}") is not None
+
+    # Phase 1: scale search on the float block, folded exactly into the preceding op.
+    phase1: dict[str, CalibStats] = {}
+    if recipe.method in ("awq", "smoothquant"):
+        phase1 = runner.collect(bp, h, layout, hessian=recipe.method == "awq")
+        for g in layout:
+            if not g.can_scale or any(skipped(p) for p in g.denses):
+                continue
+            ws = [_get(bp, p)["kernel"] for p in g.denses]
+            name = f"{prefix}{g.name}"
+            if recipe.method == "awq":
+                s = awq(ws, phase1[g.name], spec, n_grid=recipe.awq_grid, clip=False, name=name).input_scale
+            else:
+                s = smoothquant(ws, phase1[g.name], spec, alpha=recipe.alpha, name=name).act_divisor
+            _apply_scale(bp, g, s)
+            phase1[g.name] = scale_stats(phase1[g.name], s)
+
+    # Phase 2: quantize group by group; `fwd` holds dequantized kernels of the groups done so far.
+    qbp = _copy_tree(bp)
+    fwd = _copy_tree(bp)
+    stats_all: dict[str, CalibStats] = {}
+    if recipe.needs_stats and not recipe.true_sequential:
+        stats_all = phase1 if recipe.method == "smoothquant" else runner.collect(bp, h, layout, recipe.needs_hessian)
+    for g in layout:
+        live = [p for p in g.denses if not skipped(p)]
+        if not live:
+            continue
+        st = None
+        if recipe.method == "smoothquant":
+            st = phase1.get(g.name)
+        elif recipe.needs_stats:
+            st = runner.collect(fwd, h, [g], recipe.needs_hessian)[g.name] if recipe.true_sequential else stats_all[g.name]
+        for p in live:
+            d = _get(bp, p)
+            w = d["kernel"]
+            name = f"{prefix}{'/'.join(p)}"
+            loss = float("nan")
+            if recipe.method == "rtn":
+                q = rtn(w, spec, name=name)
+            elif recipe.method == "mse":
+                q = mse_clip(w, spec, name=name)
+            elif recipe.method == "gptq":
+                r = gptq(w, st, spec, block_size=recipe.block_size, percdamp=recipe.percdamp, act_order=recipe.act_order, name=name)
+                q, loss = r.q, float(r.loss)
+            elif recipe.method == "awq":
+                r = awq(w, st, spec, n_grid=1, clip=recipe.awq_clip, name=name)  # scales are folded already
+                q, loss = r.q, float(r.loss)
+            else:
+                q = rtn(w, spec, name=name)
+            if recipe.act_spec is not None and isinstance(q, QArray):
+                q = QArray(q.values, q.scale, q.zero_point, dataclasses.replace(q.meta, act_spec=recipe.act_spec))
+            losses[name] = loss
+            _get(qbp, p)["kernel"] = q
+            deq = q.dequantize(w.dtype) if isinstance(q, QArray) else q
+            _get(fwd, p)["kernel"] = deq
+            if recipe.bias_correction and "bias" in d and st is not None:
+                b = bias_correction(w, deq, st, d["bias"], name=name)
+                _get(qbp, p)["bias"] = b
+                _get(fwd, p)["bias"] = b
+    return qbp, fwd, losses
+
+
+def quantize_blocks(
+    model: Any,
+    h: jax.Array,
+    blocks: Callable[[int], Params] | Sequence[Params],
+    recipe: Recipe,
+    *,
+    num_blocks: int | None = None,
+    batch_size: int = 8,
+    layout: Sequence[L.InputGroup] | None = None,
+    on_block: Callable[[int, Params], Any] | None = None,
+    progress: bool = False,
+) -> tuple[list[Any], jax.Array, list[BlockReport]]:
+    """Quantizes a model's blocks one after another, feeding quantized outputs forward.
+
+    Args:
+      model: a model with ``block_module()`` / ``num_blocks()`` (see :mod:`jaxq.models.blocks`).
+      h: block-0 input of the calibration sequences, ``[B, T, D]`` (``embed`` of the tokens).
+      blocks: block params by index: a function ``i -> params['layers_i']`` (lazy) or a list.
+      recipe: what to do to each Dense.
+      num_blocks: defaults to ``model.num_blocks()``.
+      batch_size: sequences per micro-batch for statistics and forwards.
+      layout: input groups of a block (default: :func:`layouts.block_layout`).
+      on_block: called as ``on_block(i, quantized_block_params)``; its return value is stored
+        in the result list instead of the params (e.g. return ``None`` to keep nothing).
+      progress: print one line per block.
+
+    Returns:
+      ``(results, h_out, reports)``: per-block quantized params (or ``on_block``'s values), the
+      last block's output on the calibration data, and per-block :class:`BlockReport`.
+    """
+    n = model.num_blocks() if num_blocks is None else num_blocks
+    get = blocks if callable(blocks) else (lambda i: blocks[i])
+    runner = _runner(model, recipe.act_spec, batch_size)
+    results, reports = [], []
+    for i in range(n):
+        t0 = time.perf_counter()
+        bp = get(i)
+        lay = layout
+        if lay is None:
+            lay = L.block_layout(model, runner.dense_paths(bp, h))
+        qbp, fwd, losses = quantize_block(runner, bp, h, lay, recipe, prefix=f"layers_{i}/")
+        h = runner.forward(fwd, h)
+        h.block_until_ready()
+        del bp, fwd
+        results.append(on_block(i, qbp) if on_block is not None else qbp)
+        dt = time.perf_counter() - t0
+        reports.append(BlockReport(i, dt, losses))
+        if progress:
+            print(f"  block {i}: {dt:.2f} s", flush=True)
+    return results, h, reports
+
+
+def quantize_model(
+    model: Any,
+    params: Params,
+    tokens: jax.Array,
+    recipe: Recipe,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[Params, list[BlockReport]]:
+    """Quantizes every block of ``model`` sequentially on calibration ``tokens [B, T]``.
+
+    Returns the parameter tree with each block's Dense kernels replaced by QArrays (and norms,
+    biases and neighbouring kernels changed where AWQ/SmoothQuant folded scales or bias
+    correction applied). Embeddings and the LM head stay float.
+    """
+    from jaxq.models import blocks as B
+
+    h = B.embed(model, params, tokens)
+    qblocks, _, reports = quantize_blocks(
+        model, h, lambda i: B.block_params(params, i), recipe, batch_size=batch_size, progress=progress
+    )
+    out = dict(flax.core.unfreeze(params)) if not isinstance(params, dict) else dict(params)
+    for i, qb in enumerate(qblocks):
+        out[f"layers_{i}"] = qb
+    return out, reports
