@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.numerics import codec
 from jaxq.ops.activations import check_activation_spec, quantize_activation
 from jaxq.qarray import QArray, QMeta
 from jaxq.spec import QuantSpec
@@ -49,9 +50,84 @@ def _check_weight(w: QArray, k: int) -> None:
 
 
 # --- XLA paths ---------------------------------------------------------------------------
+_CHUNK_ELEMENTS = 64 * 1024  # ~256 KiB of float32 per chunk: stays in L2
+
+
+def _chunk_rows(w: QArray) -> int | None:
+    """Rows per K-chunk for the CPU path, or None when no chunking fits."""
+    k, n = w.shape
+    unit = 1
+    if w.meta.tiling.group_size:
+        unit = w.meta.tiling.group_size
+    if w.meta.pack_axis is not None:
+        unit = unit if unit % 2 == 0 else 2 * unit
+    target = max(unit, _CHUNK_ELEMENTS // max(n, 1))
+    rows = max((r for r in range(unit, min(k, target) + 1, unit) if k % r == 0), default=None)
+    return None if rows is None or rows == k else rows
+
+
+def _chunked_dequant_matmul(x2: jax.Array, w: QArray, rows: int, out_dtype) -> jax.Array:
+    """``x @ dequantize(w)``, dequantizing ``rows`` rows of ``w`` at a time.
+
+    XLA:CPU does not fuse the int->float conversion into the dot, so converting the
+    whole weight writes a float copy of it on every call (slower than the float
+    matmul). Chunks that fit in cache make weight-only matmuls faster than float.
+    """
+    k, n = w.shape
+    nc = k // rows
+    t = w.meta.tiling
+    packed = w.meta.pack_axis is not None
+    values = w.values.reshape(nc, rows // (2 if packed else 1), n)
+
+    def per_chunk(a):
+        # Per-group scales are cut with the chunk; per-channel ones are shared.
+        return None if a is None or t.group_size is None else a.reshape(nc, rows // t.group_size, n)
+
+    scale_c, zp_c = per_chunk(w.scale), per_chunk(w.zero_point)
+    m = x2.shape[0]
+    fmt = w.meta.fmt
+    if packed:
+        # Byte i holds elements 2i (low nibble) and 2i+1 (high nibble): multiply the
+        # even and odd columns of x by the two halves instead of interleaving them.
+        xc = x2.reshape(m, nc, rows // 2, 2).transpose(1, 3, 0, 2)  # (nc, 2, m, rows/2)
+    else:
+        xc = x2.reshape(m, nc, rows).transpose(1, 0, 2)
+
+    def rows_scale(a, per_row):
+        # (rows/g, N) group scales -> one row per stored row; shared scales as they are.
+        if a is None or t.group_size is None:
+            return a
+        return jnp.repeat(a, t.group_size // per_row, axis=0)
+
+    def body(acc, xs):
+        xi, vi, si, zi = xs
+        si = w.scale if si is None else si
+        zi = w.zero_point if zi is None else zi
+        if packed:
+            sr, zr = rows_scale(si, 2), rows_scale(zi, 2)
+            lo = jnp.right_shift(jnp.left_shift(vi, jnp.int8(4)), jnp.int8(4))
+            hi = jnp.right_shift(vi, jnp.int8(4))
+            w_lo = codec.decode(lo, sr, zr, fmt, x2.dtype)
+            w_hi = codec.decode(hi, sr, zr, fmt, x2.dtype)
+            part = jnp.dot(xi[0], w_lo, preferred_element_type=jnp.float32)
+            part += jnp.dot(xi[1], w_hi, preferred_element_type=jnp.float32)
+        else:
+            sr, zr = rows_scale(si, 1), rows_scale(zi, 1)
+            part = jnp.dot(xi, codec.decode(vi, sr, zr, fmt, x2.dtype), preferred_element_type=jnp.float32)
+        return acc + part, None
+
+    acc0 = jnp.zeros((x2.shape[0], n), jnp.float32)
+    acc, _ = jax.lax.scan(body, acc0, (xc, values, scale_c, zp_c))
+    return acc.astype(out_dtype)
+
+
 def _weight_only_xla(x2: jax.Array, w: QArray, out_dtype) -> jax.Array:
     fmt = w.meta.fmt
     cdt = x2.dtype
+    if jax.default_backend() == "cpu" and x2.dtype == jnp.float32 and fmt.kind != "cast":
+        rows = _chunk_rows(w)
+        if rows is not None:
+            return _chunked_dequant_matmul(x2, w, rows, out_dtype)
     if fmt.kind == "cast":
         return jnp.dot(x2, w.values.astype(cdt), preferred_element_type=jnp.float32).astype(out_dtype)
     if fmt.kind == "codebook":
