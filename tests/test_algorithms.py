@@ -329,3 +329,13 @@ def test_sequential_gptq_and_awq_beat_rtn_on_tiny_llama():
     rtn = err(Recipe("rtn", spec))
     assert err(Recipe("gptq", spec)) < 0.6 * rtn
     assert err(Recipe("awq", spec)) < 0.6 * rtn
+
+
+def test_gptq_joint_kernels_equal_separate_ones():
+    w1, w2 = W[:, :32], W[:, 32:]
+    joint = A.gptq([w1, w2], STATS, G32, block_size=48)  # as one [K, 64] matrix: compiled already
+    assert isinstance(joint.q, tuple) and joint.q[1].shape == (K, 32)
+    full = A.gptq(W, STATS, G32, block_size=48).q.dequantize()
+    np.testing.assert_array_equal(jnp.concatenate([q.dequantize() for q in joint.q], 1), full)
+    alone = A.gptq(w1, STATS, G32, block_size=48).q.dequantize()  # columns are independent in GPTQ
+    assert np.mean(~np.isclose(alone, joint.q[0].dequantize(), rtol=1e-4, atol=1e-6)) < 0.01

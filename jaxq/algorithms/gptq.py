@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +45,10 @@ from jaxq.spec import QuantSpec, as_spec
 
 
 class GPTQResult(NamedTuple):
-    """``q``: the quantized kernel; ``loss``: GPTQ's error proxy ``sum_i ||w_i - q_i||^2 / (2 U_ii^2)``."""
+    """``q``: the quantized kernel (a tuple for several kernels); ``loss``: GPTQ's error proxy
+    ``sum_i ||w_i - q_i||^2 / (2 U_ii^2)``."""
 
-    q: QArray
+    q: QArray | tuple[QArray, ...]
     loss: jax.Array
 
 
@@ -97,7 +98,7 @@ def _block_size(block_size: int, layout: C.Layout) -> int:
     return math.gcd(block_size, g)
 
 
-@partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups", "name", "dtype"))
+@partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups", "name", "splits"))
 def _gptq(
     w: jax.Array,
     xtx: jax.Array,
@@ -109,7 +110,7 @@ def _gptq(
     act_order: bool,
     static_groups: bool,
     name: str,
-    dtype,
+    splits: tuple[tuple[int, int, np.dtype], ...],
 ):
     k, n = w.shape
     layout = C.weight_layout(spec, w.shape, name)
@@ -222,11 +223,15 @@ def _gptq(
     if layout.per_tensor:
         scales = scales[:1, :, :1]
         zps = None if zps is None else zps[:1, :, :1]
-    return C.to_qarray(qw, scales, zps, spec, dtype, name), loss
+    qs = tuple(
+        C.to_qarray(qw[:, a : a + n], scales[..., a : a + n], None if zps is None else zps[..., a : a + n], spec, dt, name)
+        for a, n, dt in splits
+    )
+    return qs, loss
 
 
 def gptq(
-    w: jax.Array,
+    w: jax.Array | Sequence[jax.Array],
     calib: CalibStats | jax.Array,
     spec: QuantSpec | str,
     *,
@@ -236,10 +241,13 @@ def gptq(
     static_groups: bool | None = None,
     name: str = "",
 ) -> GPTQResult:
-    """Quantizes a Dense kernel ``w [K, N]`` with GPTQ.
+    """Quantizes a Dense kernel ``w [K, N]`` (or several reading the same input) with GPTQ.
 
     Args:
-      w: the float kernel (``y = x @ w``).
+      w: the float kernel (``y = x @ w``), or a sequence of kernels ``[K, N_i]`` that read the
+        same input (q/k/v). Those are quantized jointly as one ``[K, sum N_i]`` matrix, which
+        gives exactly the per-kernel results (GPTQ treats output columns independently and the
+        row order depends on ``H`` only) with one Hessian factorisation and one row loop.
       calib: :class:`CalibStats` with the Hessian (``init_stats(K, hessian=True)``), or raw
         layer inputs ``[..., K]``.
       spec: the weight spec (e.g. ``"int4-g128"``); per-tensor, per-channel (output axis) or
@@ -253,34 +261,52 @@ def gptq(
       name: the layer's name for error messages.
 
     Returns:
-      :class:`GPTQResult` with the :class:`~jaxq.QArray` (logical dtype of ``w``) and the loss.
+      :class:`GPTQResult` with the :class:`~jaxq.QArray` (logical dtype of ``w``; a tuple for
+      a sequence of kernels) and the loss (summed over kernels).
     """
     spec = as_spec(spec)
-    C.check_weight(name, w)
-    k = int(w.shape[0])
+    many = not hasattr(w, "ndim")
+    ws = list(w) if many else [w]
+    if not ws:
+        raise ValueError("gptq needs at least one kernel")
+    for i, wi in enumerate(ws):
+        C.check_weight(f"{name}[{i}]" if many else name, wi)
+    k = int(ws[0].shape[0])
+    if any(int(wi.shape[0]) != k for wi in ws):
+        raise ValueError(
+            f"kernels passed together to gptq for {name or 'layer'} must share the input dimension; "
+            f"got shapes {[tuple(x.shape) for x in ws]}"
+        )
     stats = as_stats(calib, k, name, hessian=True)
     if spec.fmt.kind in ("cast", "none"):
-        return GPTQResult(quantize_array(w, spec, where=name), jnp.zeros((), jnp.float32))
-    layout = C.weight_layout(spec, w.shape, name)
+        qs = tuple(quantize_array(wi, spec, where=name) for wi in ws)
+        return GPTQResult(qs if many else qs[0], jnp.zeros((), jnp.float32))
+    layouts = [C.weight_layout(spec, wi.shape, name) for wi in ws]
     if static_groups is None:
         static_groups = act_order
-    if act_order and layout.groups > 1 and not static_groups:
+    if act_order and layouts[0].groups > 1 and not static_groups:
         raise ValueError(
             f"{name or 'layer'}: act_order with dynamic groups makes groups non-contiguous, which a "
             "QArray cannot store; use static_groups=True (the default with act_order)"
         )
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    q, loss = _gptq(
-        w,
-        stats.xtx,
-        stats.count,
+    opts = dict(
         spec=spec,
         block_size=int(block_size),
         percdamp=float(percdamp),
         act_order=bool(act_order),
         static_groups=bool(static_groups),
         name="",  # validated above; a per-layer static name would recompile for every layer
-        dtype=np.dtype(w.dtype),
     )
-    return GPTQResult(q, loss)
+    if many and layouts[0].per_tensor:  # one scale per kernel: cannot share a joint matrix
+        res = [gptq(wi, stats, spec, block_size=block_size, percdamp=percdamp, act_order=act_order,
+                    static_groups=static_groups, name=name) for wi in ws]
+        return GPTQResult(tuple(r.q for r in res), sum(r.loss for r in res))
+    splits, start = [], 0
+    for wi in ws:
+        splits.append((start, int(wi.shape[1]), np.dtype(wi.dtype)))
+        start += int(wi.shape[1])
+    cat = jnp.concatenate([wi.astype(jnp.float32) for wi in ws], axis=1) if many else ws[0]
+    qs, loss = _gptq(cat, stats.xtx, stats.count, splits=tuple(splits), **opts)
+    return GPTQResult(qs if many else qs[0], loss)

@@ -104,7 +104,7 @@ class Recipe:
 
 
 class BlockReport(NamedTuple):
-    """Per-block record: wall seconds, and each Dense's algorithm loss (GPTQ/AWQ) or NaN."""
+    """Per-block record: wall seconds, and each input group's algorithm loss (GPTQ/AWQ only)."""
 
     index: int
     seconds: float
@@ -258,26 +258,28 @@ def quantize_block(
             st = phase1.get(g.name)
         elif recipe.needs_stats:
             st = runner.collect(fwd, h, [g], recipe.needs_hessian)[g.name] if recipe.true_sequential else stats_all[g.name]
-        for p in live:
+        gname = f"{prefix}{g.name}"
+        kernels = [_get(bp, p)["kernel"] for p in live]
+        joint: list[Any] | None = None  # GPTQ/AWQ quantize a group's kernels as one matrix
+        if recipe.method == "gptq":
+            r = gptq(kernels, st, spec, block_size=recipe.block_size, percdamp=recipe.percdamp,
+                     act_order=recipe.act_order, name=gname)
+            joint, losses[gname] = list(r.q), float(r.loss)
+        elif recipe.method == "awq":
+            r = awq(kernels, st, spec, n_grid=1, clip=recipe.awq_clip, name=gname)  # scales folded already
+            joint, losses[gname] = list(r.q), float(r.loss)
+        for j, p in enumerate(live):
             d = _get(bp, p)
             w = d["kernel"]
             name = f"{prefix}{'/'.join(p)}"
-            loss = float("nan")
-            if recipe.method == "rtn":
-                q = rtn(w, spec, name=name)
+            if joint is not None:
+                q = joint[j]
             elif recipe.method == "mse":
                 q = mse_clip(w, spec, name=name)
-            elif recipe.method == "gptq":
-                r = gptq(w, st, spec, block_size=recipe.block_size, percdamp=recipe.percdamp, act_order=recipe.act_order, name=name)
-                q, loss = r.q, float(r.loss)
-            elif recipe.method == "awq":
-                r = awq(w, st, spec, n_grid=1, clip=recipe.awq_clip, name=name)  # scales are folded already
-                q, loss = r.q, float(r.loss)
-            else:
+            else:  # rtn, and smoothquant on its smoothed kernel
                 q = rtn(w, spec, name=name)
             if recipe.act_spec is not None and isinstance(q, QArray):
                 q = QArray(q.values, q.scale, q.zero_point, dataclasses.replace(q.meta, act_spec=recipe.act_spec))
-            losses[name] = loss
             _get(qbp, p)["kernel"] = q
             deq = q.dequantize(w.dtype) if isinstance(q, QArray) else q
             _get(fwd, p)["kernel"] = deq
