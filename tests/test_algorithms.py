@@ -196,6 +196,10 @@ def test_smoothquant_w8a8_beats_rtn():
     assert err_sq < 0.5 * err_rtn
     # The float smoothed layer is the same function.
     np.testing.assert_allclose((X / s) @ res.weight, Y, rtol=1e-3, atol=1e-3)
+    # Tied channels (e.g. GQA o_proj inputs sharing a v_proj column) share one factor.
+    tie = np.arange(K) % 64
+    st = A.smoothing_factors(STATS.abs_max, jnp.max(jnp.abs(W), 1), 0.5, jnp.asarray(tie), 64)
+    np.testing.assert_array_equal(st[:64], st[64:])
 
 
 # --- bias correction ---------------------------------------------------------------------
@@ -281,7 +285,7 @@ def _tiny_llama():
     from jaxq.models import Llama, LlamaConfig
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=4,
-                      num_kv_heads=4, head_dim=16, max_position_embeddings=32)
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=32)  # GQA: 2 query heads per KV head
     model = Llama(cfg)
     tokens = jax.random.randint(jax.random.key(0), (16, 16), 0, 64)
     # Random params from the abstract tree (no compiled init): N(0, 0.02) kernels, unit norms.
@@ -303,12 +307,16 @@ def test_fold_preserves_the_float_block():
     bp = sequential._copy_tree(blocks.block_params(params, 0))
     apply = jax.jit(lambda p, h: blocks.apply_block(model, p, h))
     y = apply(bp, h)
-    for i, g in enumerate(layouts.llama_layout(4, 4)):
-        assert g.can_scale  # MHA: o_proj folds into v_proj; down_proj into up_proj
+    layout = layouts.llama_layout(4, 2, 16)
+    for i, g in enumerate(layout):
+        assert g.can_scale  # o_proj folds into v_proj (scales tied per KV head), down_proj into up_proj
         s = jnp.exp(jax.random.normal(jax.random.key(i), (64,)))
+        tie = g.tie(64)
+        if tie is not None:  # o_proj inputs (h, d) of query heads sharing a KV head share a scale
+            assert tie.tolist() == [((j // 16) // 2) * 16 + j % 16 for j in range(64)]
+            s = s[tie]
         sequential._apply_scale(bp, g, s)
     np.testing.assert_allclose(apply(bp, h), y, rtol=1e-4, atol=1e-5)
-    assert not layouts.llama_layout(8, 4)[1].can_scale  # GQA: no fold into v_proj
 
 
 def test_sequential_gptq_and_awq_beat_rtn_on_tiny_llama():

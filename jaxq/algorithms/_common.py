@@ -133,6 +133,27 @@ def to_qarray(w_q: jax.Array, scale_g: jax.Array, zp_g: jax.Array | None, spec: 
     return QArray(q.values, q.scale, q.zero_point, dataclasses.replace(q.meta, dtype=np.dtype(dtype)))
 
 
+def tie_reduce(v: jax.Array, tie: jax.Array | None, slots: int, how: str) -> jax.Array:
+    """Per-channel statistic ``v [K]`` reduced onto ``slots`` tied scale slots (``tie[k]`` = slot of
+    channel ``k``) by ``"mean"`` or ``"max"``; identity when ``tie`` is None."""
+    if tie is None:
+        return v
+    if how == "max":
+        return jax.ops.segment_max(v, tie, num_segments=slots)
+    total = jax.ops.segment_sum(v, tie, num_segments=slots)
+    return total / jnp.maximum(jax.ops.segment_sum(jnp.ones_like(v), tie, num_segments=slots), 1.0)
+
+
+def check_tie(name: str, tie: Any, k: int) -> tuple[jax.Array | None, int]:
+    """Validates a tie map (``[K]`` ints) and returns it with its number of slots."""
+    if tie is None:
+        return None, k
+    t = np.asarray(tie)
+    if t.shape != (k,) or not np.issubdtype(t.dtype, np.integer) or t.min() < 0:
+        raise ValueError(f"tie map for {name or 'layer'} must be {k} non-negative slot indices, got shape {t.shape}")
+    return jnp.asarray(t, jnp.int32), int(t.max()) + 1
+
+
 def quadratic_error(d: jax.Array, h: jax.Array) -> jax.Array:
     """``tr(D^T H D) = sum_n d_n^T H d_n``: the summed squared output error ``||X D||^2`` when ``H = X^T X``."""
     d = d.astype(jnp.float32)

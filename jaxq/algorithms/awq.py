@@ -63,12 +63,20 @@ class AWQResult(NamedTuple):
     rtn_loss: jax.Array
 
 
-def awq_scales(mean_abs: jax.Array, alpha: jax.Array | float) -> jax.Array:
-    """``s = mean|x|^alpha``, clamped at 1e-4, normalised to ``max(s) * min(s) = 1``; dead channels get 1."""
-    live = mean_abs > 0
-    s = jnp.maximum(jnp.where(live, mean_abs, 1.0) ** alpha, 1e-4)
+def awq_scales(
+    mean_abs: jax.Array, alpha: jax.Array | float, tie: jax.Array | None = None, slots: int = 0
+) -> jax.Array:
+    """``s = mean|x|^alpha``, clamped at 1e-4, normalised to ``max(s) * min(s) = 1``; dead channels get 1.
+
+    With a ``tie`` map (channel -> slot, ``slots`` slots) channels of one slot share a scale,
+    computed from their mean ``mean|x|``; the result is still per channel ``[K]``.
+    """
+    m = C.tie_reduce(mean_abs, tie, slots, "mean")
+    live = m > 0
+    s = jnp.maximum(jnp.where(live, m, 1.0) ** alpha, 1e-4)
     s = jnp.where(live, s, 1.0)
-    return s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+    s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
+    return s if tie is None else s[tie]
 
 
 def _clip_search(
@@ -105,10 +113,10 @@ def spec_scale(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array
     return codec.scale_and_zero_point(lo, hi, spec.fmt, spec.symmetric)
 
 
-@partial(jax.jit, static_argnames=("spec", "n_grid", "clip_grid", "max_shrink", "clip", "name", "splits"))
+@partial(jax.jit, static_argnames=("spec", "n_grid", "clip_grid", "max_shrink", "clip", "name", "splits", "slots"))
 def _awq(
-    w, xtx, abs_sum, count, x, *, spec: QuantSpec, n_grid: int, clip_grid: int, max_shrink: float, clip: bool,
-    name: str, splits: tuple[tuple[int, int, np.dtype], ...],
+    w, xtx, abs_sum, count, x, tie, *, spec: QuantSpec, n_grid: int, clip_grid: int, max_shrink: float, clip: bool,
+    name: str, splits: tuple[tuple[int, int, np.dtype], ...], slots: int,
 ):
     layout = C.weight_layout(spec, w.shape, name)
     w = w.astype(jnp.float32)
@@ -124,7 +132,7 @@ def _awq(
         return jnp.sum(xd * xd) / x.shape[0]
 
     def loss_for(alpha):
-        s = awq_scales(mean_abs, alpha)
+        s = awq_scales(mean_abs, alpha, tie, slots)
         wq = C.rtn_fake_quant(w * s[:, None], spec) / s[:, None]
         return out_err(w - wq)
 
@@ -132,7 +140,7 @@ def _awq(
     losses = jax.lax.map(loss_for, alphas)
     best = jnp.argmin(losses)  # alpha = 0 first: ties keep plain RTN
     alpha = alphas[best]
-    s = awq_scales(mean_abs, alpha)
+    s = awq_scales(mean_abs, alpha, tie, slots)
     ws = w * s[:, None]
     wsg = ws.reshape(layout.groups, layout.group_size, -1)
 
@@ -171,6 +179,7 @@ def awq(
     clip: bool = True,
     clip_grid: int = 20,
     max_shrink: float = 0.5,
+    tie: jax.Array | np.ndarray | None = None,
     name: str = "",
 ) -> AWQResult:
     """Quantizes a Dense kernel ``w [K, N]`` (or several kernels sharing one input) with AWQ.
@@ -184,6 +193,9 @@ def awq(
       n_grid: number of ``alpha`` values ``0, 1/n, ..., (n-1)/n``.
       clip: run the clip-ratio search after scaling.
       clip_grid, max_shrink: ratios ``1 - max_shrink * i / clip_grid``, ``i < clip_grid``.
+      tie: optional ``[K]`` map channel -> slot: channels of one slot get one scale (e.g. the
+        ``o_proj`` inputs fed by one ``v_proj`` column under grouped-query attention, so that
+        ``1/s`` can still be folded into ``v_proj``).
       name: layer name for error messages.
 
     Returns:
@@ -205,6 +217,7 @@ def awq(
                 f"got shapes {[tuple(x.shape) for x in ws]}"
             )
     stats = as_stats(calib, k, name, hessian=True)
+    tie_arr, slots = C.check_tie(name, tie, k)
     rows = None
     if not isinstance(calib, CalibStats):
         flat = jnp.asarray(calib).reshape(-1, k).astype(jnp.float32)
@@ -228,6 +241,7 @@ def awq(
         stats.abs_sum,
         stats.count,
         rows,
+        tie_arr,
         spec=spec,
         n_grid=int(n_grid),
         clip_grid=int(clip_grid),
@@ -235,6 +249,7 @@ def awq(
         clip=bool(clip),
         name="",  # validated above; a per-layer static name would recompile for every layer
         splits=tuple(splits),
+        slots=slots,
     )
     q = qs if many else qs[0]
     return AWQResult(q, s, alpha, loss, rtn_loss)

@@ -11,10 +11,11 @@ parameter tree alone does not give:
   - :class:`DenseFold`: a linear map whose output reaches the group through ops that commute
     with a per-channel scale (``v_proj -> attention -> o_proj``; ``up_proj -> (silu(gate) * up)
     -> down_proj``): divide that Dense's output columns (and bias) by ``s``. With grouped-query
-    attention one ``v_proj`` column feeds several ``o_proj`` inputs, so the fold needs equal
-    scales there; like the AWQ reference we then skip the fold (``repeat > 1``).
+    attention one ``v_proj`` column feeds ``repeat`` ``o_proj`` inputs (one per query head of
+    its KV group), so those inputs must share one scale: :meth:`DenseFold.tie` gives the map
+    that the algorithms use to tie them (the AWQ reference instead skips ``o_proj`` here).
 
-A group without a usable fold gets no scaling (AWQ falls back to its clip search only).
+A group without a fold gets no scaling (AWQ falls back to its clip search only).
 Layouts are given for :class:`~jaxq.models.Llama` and :class:`~jaxq.models.CharGPT`; any other
 model gets one group per Dense in call order, without folds.
 """
@@ -23,6 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any, Sequence, Union
+
+import jax
+import numpy as np
 
 Path = tuple[str, ...]
 
@@ -36,14 +40,28 @@ class NormFold:
 
 @dataclasses.dataclass(frozen=True)
 class DenseFold:
-    """``1/s`` goes into the output columns of the Dense at ``path``; only if ``repeat == 1``."""
+    """``1/s`` goes into the output columns of the Dense at ``path``.
+
+    ``repeat > 1`` (grouped-query attention): input channel ``h * head_dim + d`` of the group is
+    fed by column ``(h // repeat) * head_dim + d`` of the target.
+    """
 
     path: Path
     repeat: int = 1
+    head_dim: int = 1
 
-    @property
-    def usable(self) -> bool:
-        return self.repeat == 1
+    def tie(self, k: int) -> np.ndarray | None:
+        """Channel -> target column map for ``k`` input channels (None when one-to-one)."""
+        if self.repeat == 1:
+            return None
+        j = np.arange(k)
+        return ((j // self.head_dim) // self.repeat) * self.head_dim + j % self.head_dim
+
+    def target_scale(self, s: jax.Array) -> jax.Array:
+        """Per-input-channel ``s [K]`` (tied) -> per-target-column scale."""
+        if self.repeat == 1:
+            return s
+        return s.reshape(-1, self.repeat, self.head_dim)[:, 0, :].reshape(-1)
 
 
 Fold = Union[NormFold, DenseFold]
@@ -59,14 +77,18 @@ class InputGroup:
 
     @property
     def can_scale(self) -> bool:
-        return self.fold is not None and (not isinstance(self.fold, DenseFold) or self.fold.usable)
+        return self.fold is not None
+
+    def tie(self, k: int) -> np.ndarray | None:
+        """Tie map for this group's input scale (see :meth:`DenseFold.tie`)."""
+        return self.fold.tie(k) if isinstance(self.fold, DenseFold) else None
 
 
-def llama_layout(num_heads: int, num_kv_heads: int) -> tuple[InputGroup, ...]:
-    """Groups of a :class:`~jaxq.models.llama.LlamaBlock`."""
+def llama_layout(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[InputGroup, ...]:
+    """Groups of a :class:`~jaxq.models.llama.LlamaBlock` (query head ``h`` reads KV head ``h // repeat``)."""
     return (
         InputGroup("attn_in", (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj")), NormFold(("attn_norm",))),
-        InputGroup("attn_out", (("attn", "o_proj"),), DenseFold(("attn", "v_proj"), num_heads // num_kv_heads)),
+        InputGroup("attn_out", (("attn", "o_proj"),), DenseFold(("attn", "v_proj"), num_heads // num_kv_heads, head_dim)),
         InputGroup("mlp_in", (("mlp", "gate_proj"), ("mlp", "up_proj")), NormFold(("mlp_norm",))),
         InputGroup("mlp_out", (("mlp", "down_proj"),), DenseFold(("mlp", "up_proj"))),
     )
@@ -94,7 +116,8 @@ def block_layout(model: Any, dense_paths: Sequence[Path]) -> tuple[InputGroup, .
 
     layout: tuple[InputGroup, ...] | None = None
     if isinstance(model, Llama):
-        layout = llama_layout(model.config.num_heads, model.config.num_kv_heads)
+        c = model.config
+        layout = llama_layout(c.num_heads, c.num_kv_heads, c.head_dim)
     elif isinstance(model, CharGPT):
         layout = char_gpt_layout()
     if layout is not None:

@@ -202,9 +202,10 @@ def _apply_scale(bp: dict, group: L.InputGroup, s: jax.Array) -> None:
             if name in target:
                 target[name] = (target[name].astype(jnp.float32) / s32).astype(target[name].dtype)
     else:
-        target["kernel"] = (target["kernel"].astype(jnp.float32) / s32[None, :]).astype(target["kernel"].dtype)
+        t = group.fold.target_scale(s32)  # tied channels (GQA) map to one v_proj column
+        target["kernel"] = (target["kernel"].astype(jnp.float32) / t[None, :]).astype(target["kernel"].dtype)
         if "bias" in target:
-            target["bias"] = (target["bias"].astype(jnp.float32) / s32).astype(target["bias"].dtype)
+            target["bias"] = (target["bias"].astype(jnp.float32) / t).astype(target["bias"].dtype)
 
 
 def _copy_tree(tree: Params) -> dict:
@@ -236,10 +237,11 @@ def quantize_block(
                 continue
             ws = [_get(bp, p)["kernel"] for p in g.denses]
             name = f"{prefix}{g.name}"
+            tie = g.tie(int(ws[0].shape[0]))
             if recipe.method == "awq":
-                s = awq(ws, phase1[g.name], spec, n_grid=recipe.awq_grid, clip=False, name=name).input_scale
+                s = awq(ws, phase1[g.name], spec, n_grid=recipe.awq_grid, clip=False, tie=tie, name=name).input_scale
             else:
-                s = smoothquant(ws, phase1[g.name], spec, alpha=recipe.alpha, name=name).act_divisor
+                s = smoothquant(ws, phase1[g.name], spec, alpha=recipe.alpha, tie=tie, name=name).act_divisor
             _apply_scale(bp, g, s)
             phase1[g.name] = scale_stats(phase1[g.name], s)
 

@@ -25,6 +25,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxq.algorithms import _common as C
 from jaxq.algorithms.stats import CalibStats, as_stats
@@ -44,19 +45,26 @@ class SmoothQuantResult(NamedTuple):
     act_divisor: jax.Array
 
 
-def smoothing_factors(act_absmax: jax.Array, w_absmax: jax.Array, alpha: float = 0.5) -> jax.Array:
-    """``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)``; 1 for dead channels or zero weight rows."""
-    a = act_absmax.astype(jnp.float32)
-    b = w_absmax.astype(jnp.float32)
+def smoothing_factors(
+    act_absmax: jax.Array, w_absmax: jax.Array, alpha: float = 0.5, tie: jax.Array | None = None, slots: int = 0
+) -> jax.Array:
+    """``s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)``; 1 for dead channels or zero weight rows.
+
+    With a ``tie`` map (channel -> slot) both maxima are taken over each slot's channels, which
+    then share one factor; the result is still per channel ``[K]``.
+    """
+    a = C.tie_reduce(act_absmax.astype(jnp.float32), tie, slots, "max")
+    b = C.tie_reduce(w_absmax.astype(jnp.float32), tie, slots, "max")
     live = (a > 0) & (b > 0)
     s = jnp.where(live, a, 1.0) ** alpha / jnp.where(live, b, 1.0) ** (1.0 - alpha)
-    return jnp.where(live, jnp.maximum(s, 1e-5), 1.0)
+    s = jnp.where(live, jnp.maximum(s, 1e-5), 1.0)
+    return s if tie is None else s[tie]
 
 
-@partial(jax.jit, static_argnames=("spec", "act_spec", "name"))
-def _smooth(ws, act_absmax, alpha, *, spec, act_spec, name):
+@partial(jax.jit, static_argnames=("spec", "act_spec", "name", "slots"))
+def _smooth(ws, act_absmax, alpha, tie, *, spec, act_spec, name, slots):
     w_absmax = jnp.max(jnp.stack([jnp.max(jnp.abs(wi.astype(jnp.float32)), axis=1) for wi in ws]), axis=0)
-    s = smoothing_factors(act_absmax, w_absmax, alpha)
+    s = smoothing_factors(act_absmax, w_absmax, alpha, tie, slots)
     smoothed = [(wi.astype(jnp.float32) * s[:, None]).astype(wi.dtype) for wi in ws]
     qs = [quantize_array(wi, spec, where=name, act_spec=act_spec) for wi in smoothed]
     return qs, smoothed, s
@@ -69,6 +77,7 @@ def smoothquant(
     *,
     alpha: float = 0.5,
     act_spec: QuantSpec | None = PER_TOKEN_INT8,
+    tie: jax.Array | np.ndarray | None = None,
     name: str = "",
 ) -> SmoothQuantResult:
     """Smooths and quantizes a Dense kernel ``w [K, N]`` (or several sharing one input).
@@ -81,6 +90,8 @@ def smoothquant(
       alpha: migration strength in ``[0, 1]``.
       act_spec: activation spec recorded in the QArray's metadata (the serving recipe read by
         :mod:`jaxq.ops`); dynamic per-token int8 by default.
+      tie: optional ``[K]`` map channel -> slot; channels of one slot share one factor (so that
+        ``1/s`` can be folded into a ``v_proj`` shared by several query heads).
       name: layer name for error messages.
     """
     spec = as_spec(spec)
@@ -101,7 +112,8 @@ def smoothquant(
     stats = as_stats(calib, k, name, hessian=False)
     for wi in ws:
         spec.tiling(wi.shape, where=name)  # validate here: the jitted core has no per-layer name
-    qs, smoothed, s = _smooth(tuple(ws), stats.abs_max, alpha, spec=spec, act_spec=act_spec, name="")
+    tie_arr, slots = C.check_tie(name, tie, k)
+    qs, smoothed, s = _smooth(tuple(ws), stats.abs_max, alpha, tie_arr, spec=spec, act_spec=act_spec, name="", slots=slots)
     if many:
         return SmoothQuantResult(tuple(qs), tuple(smoothed), s)
     return SmoothQuantResult(qs[0], smoothed[0], s)
