@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxq.numerics import codec, ranges
 from jaxq.numerics.formats import Format, get_format
-from jaxq.numerics.packing import pack_int4, unpack_int4
+from jaxq.numerics.packing import pack_codes, unpack_codes
 from jaxq.numerics.tiling import Tiling
 from jaxq.spec import QuantSpec
 
@@ -33,7 +33,8 @@ class QMeta:
       dtype: logical (dequantized) dtype.
       tiling: how ``scale`` tiles the tensor.
       symmetric: whether there is no zero point.
-      pack_axis: negative axis along which two 4-bit codes share a byte, or None.
+      pack_axis: negative axis along which sub-byte codes share a byte, or None
+        (two per byte for int4/nf4, four for int2: ``fmt.pack_factor``).
       act_spec: how the activations that meet this weight in a matmul are
         quantized (W8A8), as chosen by the policy rule; ``None`` for weight-only.
         The ops read it, so a quantized tree carries its own serving recipe.
@@ -87,7 +88,7 @@ class QArray:
     def shape(self) -> tuple[int, ...]:
         shape = list(self.values.shape)
         if self.meta.pack_axis is not None:
-            shape[self.meta.pack_axis] *= 2
+            shape[self.meta.pack_axis] *= self.meta.fmt.pack_factor
         return tuple(shape)
 
     @property
@@ -116,7 +117,7 @@ class QArray:
         """Unpacked integer codes (int8), one per logical element (int and codebook formats)."""
         if self.meta.pack_axis is None:
             return self.values
-        return unpack_int4(self.values, self.meta.pack_axis)
+        return unpack_codes(self.values, self.meta.pack_axis, self.meta.fmt.pack_factor)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The real-valued tensor, in ``dtype`` (default: the logical dtype)."""
@@ -145,8 +146,8 @@ def is_qarray(x: Any) -> bool:
     return isinstance(x, QArray)
 
 
-def _choose_pack_axis(shape: Sequence[int], tiling: Tiling) -> int | None:
-    """Packs along the contraction axis: the group axis, else -2, else any even axis."""
+def _choose_pack_axis(shape: Sequence[int], tiling: Tiling, factor: int) -> int | None:
+    """Packs along the contraction axis: the group axis, else -2, else any axis that divides."""
     ndim = len(shape)
     candidates = []
     if tiling.group_axis is not None:
@@ -155,9 +156,9 @@ def _choose_pack_axis(shape: Sequence[int], tiling: Tiling) -> int | None:
         candidates.append(-2)
     candidates += [a - ndim for a in range(ndim - 1, -1, -1)]
     for a in candidates:
-        if shape[a] % 2 == 0:
+        if shape[a] % factor == 0:
             return a
-    return None  # odd everywhere: keep one code per byte (nbytes says so)
+    return None  # no axis divides: keep one code per byte (nbytes says so)
 
 
 def quantize_array(
@@ -208,8 +209,8 @@ def quantize_array(
         if zp_g is None and not spec.symmetric:
             raise ValueError(f"asymmetric spec for {where or 'tensor'} needs a zero_point with its scale")
     codes = codec.encode(xg, scale_g, zp_g, fmt, spec.symmetric).reshape(x.shape)
-    pack_axis = _choose_pack_axis(x.shape, tiling) if fmt.packed else None
-    values = codes if pack_axis is None else pack_int4(codes, pack_axis)
+    pack_axis = _choose_pack_axis(x.shape, tiling, fmt.pack_factor) if fmt.packed else None
+    values = codes if pack_axis is None else pack_codes(codes, pack_axis, fmt.pack_factor)
     stored_scale = tiling.scale_from_grouped(scale_g).astype(spec.scale_dtype)
     stored_zp = None if zp_g is None else tiling.scale_from_grouped(zp_g).astype(spec.scale_dtype)
     meta = QMeta(fmt.name, logical_dtype, tiling, spec.symmetric, pack_axis, act_spec)

@@ -141,3 +141,15 @@ def test_mse_search_never_worse_than_absmax():
     e1 = jnp.sum((x - codec.fake_quantize(x, lo, hi, fmt, True)) ** 2, 0)
     e2 = jnp.sum((x - codec.fake_quantize(x, lo2, hi2, fmt, True)) ** 2, 0)
     assert bool(jnp.all(e2 <= e1 + 1e-6))
+
+
+def test_int2_packs_four_per_byte():
+    codes = jnp.array(np.random.default_rng(0).integers(-2, 2, (12, 5)), jnp.int8)
+    from jaxq.numerics.packing import pack_int2, unpack_int2
+
+    packed = pack_int2(codes, 0)
+    assert packed.shape == (3, 5)
+    np.testing.assert_array_equal(np.asarray(unpack_int2(packed, 0)), np.asarray(codes))
+    q = jaxq.quantize_array(jax.random.normal(jax.random.key(0), (64, 32)), QuantSpec("int2"))
+    assert q.values.shape == (16, 32) and q.shape == (64, 32)
+    assert q.nbytes == 64 * 32 // 4 + 32 * 4  # codes at 2 bits + one f32 scale per channel

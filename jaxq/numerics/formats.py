@@ -44,7 +44,7 @@ class Format:
       kind: family of the format (see module docstring).
       bits: information bits per element.
       storage_dtype: dtype of the stored values array.
-      packed: whether two codes share one byte (int4, nf4).
+      packed: whether several codes share one byte (two for int4/nf4, four for int2).
       max_value: largest representable magnitude of the code (127 for int8,
         448 for fp8 e4m3, 1 for nf4); ``None`` for casts.
     """
@@ -71,9 +71,14 @@ class Format:
         half = 2 ** (self.bits - 1)
         return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
 
+    @property
+    def pack_factor(self) -> int:
+        """Codes per stored byte: 2 for 4-bit formats, 4 for int2, else 1."""
+        return 8 // self.bits if self.packed else 1
+
     def storage_bits_per_element(self) -> float:
         """Bits that one element really takes in memory (container included)."""
-        return 4.0 if self.packed else 8.0 * np.dtype(self.storage_dtype).itemsize
+        return 8.0 * np.dtype(self.storage_dtype).itemsize / self.pack_factor
 
 
 _FORMATS: dict[str, Format] = {
@@ -81,9 +86,9 @@ _FORMATS: dict[str, Format] = {
     for f in (
         Format("int8", "int", 8, np.dtype(np.int8), max_value=127),
         Format("int4", "int", 4, np.dtype(np.int8), packed=True, max_value=7),
-        # int3 and int2 live in an int8 container; `QArray.nbytes` reports that honestly.
+        # int3 lives in an int8 container (`QArray.nbytes` says so); int2 packs four per byte.
         Format("int3", "int", 3, np.dtype(np.int8), max_value=3),
-        Format("int2", "int", 2, np.dtype(np.int8), max_value=1),
+        Format("int2", "int", 2, np.dtype(np.int8), packed=True, max_value=1),
         Format("fp8_e4m3", "float", 8, np.dtype(ml_dtypes.float8_e4m3fn), max_value=448.0),
         Format("fp8_e5m2", "float", 8, np.dtype(ml_dtypes.float8_e5m2), max_value=57344.0),
         Format("nf4", "codebook", 4, np.dtype(np.int8), packed=True, max_value=1.0),

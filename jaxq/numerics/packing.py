@@ -1,10 +1,12 @@
-"""Packing of 4-bit codes two per byte.
+"""Packing of sub-byte codes: 4-bit two per byte, 2-bit four per byte.
 
 Layout (the contract that kernels rely on): along the packing axis, element
 ``2i`` goes into the low nibble and element ``2i + 1`` into the high nibble of
 byte ``i``; each nibble is a two's-complement signed 4-bit integer in
-``[-8, 7]``, and the byte is stored as ``int8``. Unpacking uses only shifts, so
-it works in every backend, Pallas interpret mode included.
+``[-8, 7]``, and the byte is stored as ``int8``. 2-bit codes follow the same
+rule: element ``4i + j`` sits in bits ``2j..2j+1`` of byte ``i`` as a signed
+2-bit integer in ``[-2, 1]``. Unpacking uses only shifts, so it works in every
+backend, Pallas interpret mode included.
 """
 
 from __future__ import annotations
@@ -36,3 +38,39 @@ def unpack_int4(packed: jax.Array, axis: int) -> jax.Array:
     shape = list(packed.shape)
     shape[axis] *= 2
     return both.reshape(shape)
+
+
+def pack_int2(q: jax.Array, axis: int) -> jax.Array:
+    """Packs int8 codes in ``[-2, 1]`` four per byte along ``axis`` (length divisible by 4)."""
+    axis = axis % q.ndim
+    n = q.shape[axis]
+    if n % 4:
+        raise ValueError(f"cannot pack length {n} four per byte along axis {axis} of shape {q.shape}")
+    u = q.astype(jnp.int8).astype(jnp.uint8)
+    byte = jnp.zeros_like(jax.lax.slice_in_dim(u, 0, n, 4, axis))
+    for j in range(4):
+        part = jnp.bitwise_and(jax.lax.slice_in_dim(u, j, n, 4, axis), jnp.uint8(0x03))
+        byte = jnp.bitwise_or(byte, jnp.left_shift(part, jnp.uint8(2 * j)))
+    return jax.lax.bitcast_convert_type(byte, jnp.int8)
+
+
+def unpack_int2(packed: jax.Array, axis: int) -> jax.Array:
+    """Inverse of :func:`pack_int2`: int8 codes, four times as long along ``axis``."""
+    axis = axis % packed.ndim
+    parts = [
+        jnp.right_shift(jnp.left_shift(packed, jnp.int8(6 - 2 * j)), jnp.int8(6))  # sign-extends
+        for j in range(4)
+    ]
+    shape = list(packed.shape)
+    shape[axis] *= 4
+    return jnp.stack(parts, axis=axis + 1).reshape(shape)
+
+
+def pack_codes(q: jax.Array, axis: int, factor: int) -> jax.Array:
+    """Packs ``factor`` codes per byte (2: int4/nf4, 4: int2)."""
+    return {2: pack_int4, 4: pack_int2}[factor](q, axis)
+
+
+def unpack_codes(packed: jax.Array, axis: int, factor: int) -> jax.Array:
+    """Inverse of :func:`pack_codes`."""
+    return {2: unpack_int4, 4: unpack_int2}[factor](packed, axis)

@@ -18,6 +18,7 @@ fine-tuning too. Weights get no gradient (they are integer codes).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -56,11 +57,9 @@ _CHUNK_ELEMENTS = 64 * 1024  # ~256 KiB of float32 per chunk: stays in L2
 def _chunk_rows(w: QArray) -> int | None:
     """Rows per K-chunk for the CPU path, or None when no chunking fits."""
     k, n = w.shape
-    unit = 1
-    if w.meta.tiling.group_size:
-        unit = w.meta.tiling.group_size
+    unit = w.meta.tiling.group_size or 1
     if w.meta.pack_axis is not None:
-        unit = unit if unit % 2 == 0 else 2 * unit
+        unit = math.lcm(unit, w.meta.fmt.pack_factor)
     target = max(unit, _CHUNK_ELEMENTS // max(n, 1))
     rows = max((r for r in range(unit, min(k, target) + 1, unit) if k % r == 0), default=None)
     return None if rows is None or rows == k else rows
@@ -76,8 +75,9 @@ def _chunked_dequant_matmul(x2: jax.Array, w: QArray, rows: int, out_dtype) -> j
     k, n = w.shape
     nc = k // rows
     t = w.meta.tiling
-    packed = w.meta.pack_axis is not None
-    values = w.values.reshape(nc, rows // (2 if packed else 1), n)
+    factor = w.meta.fmt.pack_factor if w.meta.pack_axis is not None else 1
+    packed = factor == 2  # 4-bit: even/odd halves; int2 takes the generic path
+    values = w.values.reshape(nc, rows // factor, n)
 
     def per_chunk(a):
         # Per-group scales are cut with the chunk; per-channel ones are shared.
@@ -111,6 +111,9 @@ def _chunked_dequant_matmul(x2: jax.Array, w: QArray, rows: int, out_dtype) -> j
             w_hi = codec.decode(hi, sr, zr, fmt, x2.dtype)
             part = jnp.dot(xi[0], w_lo, preferred_element_type=jnp.float32)
             part += jnp.dot(xi[1], w_hi, preferred_element_type=jnp.float32)
+        elif factor > 1:
+            chunk = QArray(vi, si, zi, w.meta).dequantize(x2.dtype)
+            part = jnp.dot(xi, chunk, preferred_element_type=jnp.float32)
         else:
             sr, zr = rows_scale(si, 1), rows_scale(zi, 1)
             part = jnp.dot(xi, codec.decode(vi, sr, zr, fmt, x2.dtype), preferred_element_type=jnp.float32)
