@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxq  # noqa: E402
-from jaxq import cli  # noqa: E402
+from jaxq import flow  # noqa: E402
 from jaxq.eval import classification_metrics, make_predict_fn, predict  # noqa: E402
 from jaxq.models.classifiers import MLP  # noqa: E402
 from jaxq.recipe import load_recipe  # noqa: E402
@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     recipe = load_recipe(args.recipe)
-    train, test = cli.load_data(recipe, args.data_dir)
+    train, test = flow.load_data(recipe, args.data_dir)
     jmodel = MLP(hidden=recipe.model.hidden, num_classes=train.num_classes)  # jaxq.flax.linen layers
     fmodel = MLP(hidden=recipe.model.hidden, num_classes=train.num_classes, layers=nn)  # stock flax
-    params, _ = cli.float_params(recipe, jmodel, train, retrain=False, progress=False,
+    params, _ = flow.float_params(recipe, jmodel, train, retrain=False, progress=False,
                                  log=lambda m: print(f"[vs_qwix] {m}", file=sys.stderr))
     x0 = jnp.asarray(test.images[:1])
 
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, strategy in shipped.items():
         assert strategy.method == "ptq" and strategy.granularity == "per_channel" and strategy.activations == "float"
         absmax = dataclasses.replace(strategy, range_method="absmax", name=None)
-        variants[f"jaxq {name}"] = (jmodel, cli.quantize_jit({"params": params}, strategy.policy()))
-        variants[f"jaxq {name} absmax"] = (jmodel, cli.quantize_jit({"params": params}, absmax.policy()))
+        variants[f"jaxq {name}"] = (jmodel, flow.quantize_jit({"params": params}, strategy.policy()))
+        variants[f"jaxq {name} absmax"] = (jmodel, flow.quantize_jit({"params": params}, absmax.policy()))
         variants[f"qwix {name}"] = qwix_ptq(fmodel, params, x0, strategy.bits)
 
     acc: dict[str, dict[str, Any]] = {}

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

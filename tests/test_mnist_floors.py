@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxq import cli
+from jaxq import flow
 from jaxq.recipe import EvalConfig, Recipe, StrategyConfig, load_recipe
 
 pytestmark = pytest.mark.slow
@@ -57,13 +57,13 @@ def _strategy(recipe: Recipe, name: str) -> StrategyConfig:
 @pytest.fixture(scope="module")
 def mnist():
     recipe = _recipe("mnist_int8_ptq")
-    train, test = cli.load_data(recipe)
+    train, test = flow.load_data(recipe)
     assert (len(train), len(test)) == (60000, 10000)
     from jaxq.models.classifiers import build_classifier
 
     model = build_classifier("mlp", 10, hidden=recipe.model.hidden)
-    params, _ = cli.float_params(recipe, model, train, retrain=True, progress=False, log=print)
-    base = cli.evaluate("float", model, {"params": params}, test, recipe, strategy=None, float_nbytes=None,
+    params, _ = flow.float_params(recipe, model, train, retrain=True, progress=False, log=print)
+    base = flow.evaluate("float", model, {"params": params}, test, recipe, strategy=None, float_nbytes=None,
                         progress=False)
     return recipe, model, params, train, test, base
 
@@ -74,8 +74,8 @@ def _accuracy(mnist, config: str, strategy: str) -> tuple[float, float]:
     # The floor recipes must all describe the float model this fixture trained.
     assert (recipe.data, recipe.model, recipe.train) == (mnist[0].data, mnist[0].model, mnist[0].train)
     s = _strategy(recipe, strategy)
-    variables, _ = cli.apply_strategy(s, model, params, train, seed=recipe.train.seed, progress=False)
-    r = cli.evaluate(s.name, model, variables, test, recipe, strategy=s, float_nbytes=None, progress=False)
+    variables, _ = flow.apply_strategy(s, model, params, train, seed=recipe.train.seed, progress=False)
+    r = flow.evaluate(s.name, model, variables, test, recipe, strategy=s, float_nbytes=None, progress=False)
     print(f"{config}/{strategy}: {100 * r.accuracy:.2f}% (float {100 * base.accuracy:.2f}%)")
     return r.accuracy, base.accuracy
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jaxq
-from jaxq import QuantSpec, Rule
+from jaxq import QuantSpec
 from jaxq.ops import conv_general_dilated, dot_general, einsum, qmatmul
 
 A8 = QuantSpec("int8", granularity="per_token")

@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 import jaxq
 from jaxq.flax import QatWeight, init_qat_scales, qat_params

@@ -17,7 +17,6 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxq.kernels.block_tables import BlockConfig
 from jaxq.kernels.matmul import run_matmul
