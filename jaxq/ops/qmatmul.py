@@ -127,7 +127,9 @@ def _chunked_dequant_matmul(x2: jax.Array, w: QArray, rows: int, out_dtype) -> j
 def _weight_only_xla(x2: jax.Array, w: QArray, out_dtype) -> jax.Array:
     fmt = w.meta.fmt
     cdt = x2.dtype
-    if jax.default_backend() == "cpu" and x2.dtype == jnp.float32 and fmt.kind != "cast":
+    # Few rows: the weight read dominates, so dequantize it chunk by chunk in cache. Many
+    # rows: one full dequantization is amortised, and slicing x into chunks would cost more.
+    if jax.default_backend() == "cpu" and x2.dtype == jnp.float32 and fmt.kind != "cast" and x2.shape[0] <= 256:
         rows = _chunk_rows(w)
         if rows is not None:
             return _chunked_dequant_matmul(x2, w, rows, out_dtype)
