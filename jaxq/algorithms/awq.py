@@ -24,9 +24,11 @@ and the activations down by the same factor, which leaves the float layer unchan
 layer only computes ``x W`` if its input is divided by ``s`` first: ``y = (x / s) @ q``. Fold
 ``1/s`` into the op that produces ``x`` — an RMSNorm/LayerNorm scale (``gamma / s``, and its
 bias), or the output columns of a preceding linear map (``W_prev[:, k] / s_k``, e.g. ``v_proj`` for
-``o_proj`` when heads line up, ``up_proj`` for ``down_proj``) — or divide ``x`` explicitly. For
-several Dense layers reading the same input (q/k/v, gate/up) pass them together so they share
-one ``s`` (the search then minimises their summed output error).
+``o_proj``, ``up_proj`` for ``down_proj``) — or divide ``x`` explicitly. Under grouped-query
+attention several ``o_proj`` inputs come from one ``v_proj`` column: pass ``tie`` so they share
+a scale and the fold stays exact. For several Dense layers reading the same input (q/k/v,
+gate/up) pass them together so they share one ``s`` (the search then minimises their summed
+output error). :mod:`jaxq.algorithms.sequential` does all of this for whole models.
 """
 
 from __future__ import annotations
