@@ -149,3 +149,24 @@ def test_to_dict_round_trips():
     r = parse_recipe({"name": "x", "strategies": ["int8", {"precision": "int4", "method": "qat"}]})
     again = parse_recipe(r.to_dict())
     assert again == r
+
+
+# Input shapes of the shipped datasets: enough to build each recipe's model abstractly.
+_IMAGE_SHAPES = {"digits": (8, 8, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1)}
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_strategy_fits_its_model(path):
+    """Each strategy's policy quantizes the recipe's model (abstractly: nothing is computed)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxq
+    from jaxq.models.classifiers import build_classifier
+
+    recipe = load_recipe(path)
+    model = build_classifier(recipe.model.arch, 10, hidden=recipe.model.hidden, channels=recipe.model.channels)
+    x = jax.ShapeDtypeStruct((1, *_IMAGE_SHAPES[recipe.data.dataset]), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)
+    for strategy in recipe.strategies:
+        jax.eval_shape(lambda p, s=strategy: jaxq.quantize(p, s.policy()), params)
