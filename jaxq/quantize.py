@@ -21,8 +21,14 @@ from jaxq.qarray import QArray, is_qarray, quantize_array
 PyTree = Any
 
 
+try:  # public in JAX 0.10/0.11; jax.core keeps shrinking, so fall back to its home
+    _Tracer = jax.core.Tracer
+except AttributeError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
+
+
 def _is_concrete(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer)
+    return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, _Tracer)
 
 
 def _check_finite(x: Any, path: str) -> None:
