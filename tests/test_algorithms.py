@@ -305,7 +305,7 @@ def test_fold_preserves_the_float_block():
     model, params, tokens = _tiny_llama()
     h = blocks.embed(model, params, tokens)
     bp = sequential._copy_tree(blocks.block_params(params, 0))
-    apply = jax.jit(lambda p, h: blocks.apply_block(model, p, h))
+    apply = sequential._runner(model, None, 8).forward  # the driver's compiled block (shared)
     y = apply(bp, h)
     layout = layouts.llama_layout(4, 2, 16)
     for i, g in enumerate(layout):

@@ -13,6 +13,7 @@ consecutive input rows):
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -152,6 +153,27 @@ def check_tie(name: str, tie: Any, k: int) -> tuple[jax.Array | None, int]:
     if t.shape != (k,) or not np.issubdtype(t.dtype, np.integer) or t.min() < 0:
         raise ValueError(f"tie map for {name or 'layer'} must be {k} non-negative slot indices, got shape {t.shape}")
     return jnp.asarray(t, jnp.int32), int(t.max()) + 1
+
+
+@partial(jax.jit, static_argnames=("start", "size", "spec", "dtype"))
+def _pack(w_q, scale_g, zp_g, *, start: int, size: int, spec: QuantSpec, dtype: Any) -> QArray:
+    cols = lambda a: a if a.shape[-1] == 1 else a[..., start : start + size]  # noqa: E731  (per-tensor: shared)
+    return to_qarray(w_q[:, start : start + size], cols(scale_g), None if zp_g is None else cols(zp_g), spec, dtype)
+
+
+def split_to_qarrays(
+    w_q: jax.Array,
+    scale_g: jax.Array,
+    zp_g: jax.Array | None,
+    spec: QuantSpec,
+    splits: Sequence[tuple[int, int, Any]],
+) -> tuple[QArray, ...]:
+    """One QArray per ``(start, size, dtype)`` column range of a jointly quantized ``[K, N]`` kernel.
+
+    Kept outside the algorithms' jitted cores so that kernels of different widths sharing one
+    concatenated shape reuse the compiled core (only this small packing step is per width).
+    """
+    return tuple(_pack(w_q, scale_g, zp_g, start=a, size=n, spec=spec, dtype=np.dtype(dt)) for a, n, dt in splits)
 
 
 def quadratic_error(d: jax.Array, h: jax.Array) -> jax.Array:

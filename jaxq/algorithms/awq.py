@@ -115,10 +115,10 @@ def spec_scale(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array
     return codec.scale_and_zero_point(lo, hi, spec.fmt, spec.symmetric)
 
 
-@partial(jax.jit, static_argnames=("spec", "n_grid", "clip_grid", "max_shrink", "clip", "name", "splits", "slots"))
+@partial(jax.jit, static_argnames=("spec", "n_grid", "clip_grid", "max_shrink", "clip", "name", "slots"))
 def _awq(
     w, xtx, abs_sum, count, x, tie, *, spec: QuantSpec, n_grid: int, clip_grid: int, max_shrink: float, clip: bool,
-    name: str, splits: tuple[tuple[int, int, np.dtype], ...], slots: int,
+    name: str, slots: int,
 ):
     layout = C.weight_layout(spec, w.shape, name)
     w = w.astype(jnp.float32)
@@ -163,13 +163,7 @@ def _awq(
         zp = None if zp is None else jnp.where(better, c_zp, zp)
         wq = jnp.where(better, c_wq, wq)
         loss = jnp.minimum(c_loss, loss)
-    qs = []
-    for start, size, dtype in splits:  # one QArray per kernel passed in
-        sl = slice(start, start + size)
-        sc = scale if scale.shape[-1] == 1 else scale[..., sl]
-        z = None if zp is None else (zp if zp.shape[-1] == 1 else zp[..., sl])
-        qs.append(C.to_qarray(wq[:, sl], sc, z, spec, dtype, name))
-    return tuple(qs), s, alpha, loss, losses[0]
+    return wq, scale, zp, s, alpha, loss, losses[0]
 
 
 def awq(
@@ -237,7 +231,7 @@ def awq(
         splits.append((start, int(wi.shape[1]), np.dtype(wi.dtype)))
         start += int(wi.shape[1])
     cat = jnp.concatenate([wi.astype(jnp.float32) for wi in ws], axis=1) if many else ws[0]
-    qs, s, alpha, loss, rtn_loss = _awq(
+    wq, scale, zp, s, alpha, loss, rtn_loss = _awq(
         cat,
         stats.xtx,
         stats.abs_sum,
@@ -250,8 +244,7 @@ def awq(
         max_shrink=float(max_shrink),
         clip=bool(clip),
         name="",  # validated above; a per-layer static name would recompile for every layer
-        splits=tuple(splits),
         slots=slots,
     )
-    q = qs if many else qs[0]
-    return AWQResult(q, s, alpha, loss, rtn_loss)
+    qs = C.split_to_qarrays(wq, scale, zp, spec, splits)
+    return AWQResult(qs if many else qs[0], s, alpha, loss, rtn_loss)

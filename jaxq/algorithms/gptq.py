@@ -98,7 +98,7 @@ def _block_size(block_size: int, layout: C.Layout) -> int:
     return math.gcd(block_size, g)
 
 
-@partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups", "name", "splits"))
+@partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups", "name"))
 def _gptq(
     w: jax.Array,
     xtx: jax.Array,
@@ -110,7 +110,6 @@ def _gptq(
     act_order: bool,
     static_groups: bool,
     name: str,
-    splits: tuple[tuple[int, int, np.dtype], ...],
 ):
     k, n = w.shape
     layout = C.weight_layout(spec, w.shape, name)
@@ -223,11 +222,7 @@ def _gptq(
     if layout.per_tensor:
         scales = scales[:1, :, :1]
         zps = None if zps is None else zps[:1, :, :1]
-    qs = tuple(
-        C.to_qarray(qw[:, a : a + n], scales[..., a : a + n], None if zps is None else zps[..., a : a + n], spec, dt, name)
-        for a, n, dt in splits
-    )
-    return qs, loss
+    return qw, scales, zps, loss
 
 
 def gptq(
@@ -308,5 +303,6 @@ def gptq(
         splits.append((start, int(wi.shape[1]), np.dtype(wi.dtype)))
         start += int(wi.shape[1])
     cat = jnp.concatenate([wi.astype(jnp.float32) for wi in ws], axis=1) if many else ws[0]
-    qs, loss = _gptq(cat, stats.xtx, stats.count, splits=tuple(splits), **opts)
+    qw, scales, zps, loss = _gptq(cat, stats.xtx, stats.count, **opts)
+    qs = C.split_to_qarrays(qw, scales, zps, spec, splits)
     return GPTQResult(qs if many else qs[0], loss)
