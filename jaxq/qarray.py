@@ -195,8 +195,8 @@ def quantize_array(
     xg = tiling.to_grouped(x)
     if scale is None:
         axes = tiling.reduce_axes(x.ndim)
-        lo, hi = ranges.select_range(xg, axes, spec.range_method, fmt, spec.symmetric, spec.percentile)
-        scale_g, zp_g = codec.scale_and_zero_point(lo, hi, fmt, spec.symmetric)
+        lo, hi = ranges.select_range(xg, axes, spec.range_method, fmt, spec.symmetric, spec.percentile, spec.full_range)
+        scale_g, zp_g = codec.scale_and_zero_point(lo, hi, fmt, spec.symmetric, spec.full_range)
     else:
         expected = tiling.scale_shape(x.shape)
         if tuple(scale.shape) != expected:
@@ -208,7 +208,7 @@ def quantize_array(
         zp_g = None if zero_point is None else tiling.scale_to_grouped(zero_point.astype(jnp.float32))
         if zp_g is None and not spec.symmetric:
             raise ValueError(f"asymmetric spec for {where or 'tensor'} needs a zero_point with its scale")
-    codes = codec.encode(xg, scale_g, zp_g, fmt, spec.symmetric).reshape(x.shape)
+    codes = codec.encode(xg, scale_g, zp_g, fmt, spec.symmetric, spec.full_range).reshape(x.shape)
     pack_axis = _choose_pack_axis(x.shape, tiling, fmt.pack_factor) if fmt.packed else None
     values = codes if pack_axis is None else pack_codes(codes, pack_axis, fmt.pack_factor)
     stored_scale = tiling.scale_from_grouped(scale_g).astype(spec.scale_dtype)

@@ -41,6 +41,12 @@ class QuantSpec:
       group_axis: the axis cut into groups; ``-2`` is the input (contraction)
         axis of Flax ``Dense`` and ``Conv`` kernels.
       scale_dtype: dtype of the stored scales.
+      full_range: for symmetric ``int`` formats, use every code, ``[-2**(b-1), 2**(b-1)-1]``
+        (the absmax maps onto ``qmax + 0.5``), instead of the narrow grid ``[-qmax, qmax]``.
+        That is one more level, which matters at low bit widths (16 vs 15 for int4, 4 vs 3
+        for int2). ``None`` (the default) picks full range for int formats of 4 bits or
+        fewer and narrow for int8, whose symmetric grid int8 x int8 dots and activation
+        quantization rely on. Asymmetric grids always use every code (stored as ``False``).
     """
 
     format: str = "int8"
@@ -52,10 +58,18 @@ class QuantSpec:
     channel_axes: tuple[int, ...] | None = None
     group_axis: int = -2
     scale_dtype: str = "float32"
+    full_range: bool | None = None
 
     def __post_init__(self):
         fmt = get_format(self.format)  # raises on unknown formats, with the list
         object.__setattr__(self, "format", fmt.name)
+        if self.full_range is None:
+            object.__setattr__(self, "full_range", bool(fmt.kind == "int" and self.symmetric and fmt.bits <= 4))
+        elif self.full_range and fmt.kind != "int":
+            raise ValueError(f"full_range applies to int formats only, not {fmt.name!r}; leave it unset")
+        elif not self.symmetric:
+            object.__setattr__(self, "full_range", False)  # asymmetric grids use every code anyway
+        object.__setattr__(self, "full_range", bool(self.full_range))
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
         if self.granularity == "per_group":

@@ -31,16 +31,19 @@ def _fq_with_mask(x: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
         return x.astype(fmt.storage_dtype).astype(x.dtype), jnp.ones_like(x, dtype=bool)
     tiling = spec.tiling(x.shape)
     xg = tiling.to_grouped(x)
-    lo, hi = ranges.select_range(xg, tiling.reduce_axes(x.ndim), spec.range_method, fmt, spec.symmetric, spec.percentile)
-    scale, zp = codec.scale_and_zero_point(lo, hi, fmt, spec.symmetric)
-    y = codec.decode(codec.encode(xg, scale, zp, fmt, spec.symmetric), scale, zp, fmt)
+    lo, hi = ranges.select_range(
+        xg, tiling.reduce_axes(x.ndim), spec.range_method, fmt, spec.symmetric, spec.percentile, spec.full_range
+    )
+    scale, zp = codec.scale_and_zero_point(lo, hi, fmt, spec.symmetric, spec.full_range)
+    y = codec.decode(codec.encode(xg, scale, zp, fmt, spec.symmetric, spec.full_range), scale, zp, fmt)
     # "Inside" means rounding does not clip: decide in the code domain, where the
     # range edges are exact (absmax/scale*scale can land a hair below absmax).
     u = xg.astype(jnp.float32) / scale
     if fmt.kind == "int":
-        qmin, qmax = fmt.int_range(spec.symmetric)
+        qmin, qmax = fmt.int_range(spec.symmetric, spec.full_range)
         u = u + (0.0 if zp is None else zp)
-        mask = (u >= qmin - 0.5) & (u <= qmax + 0.5)
+        # A full-range grid maps absmax onto qmax + 0.5 exactly, so allow float slack there.
+        mask = (u >= qmin - 0.5) & (u <= qmax + 0.5 + 2.0**-10)
     else:
         mask = jnp.abs(u) <= fmt.max_value * (1 + 2.0**-3)
     return y.reshape(x.shape).astype(x.dtype), mask.reshape(x.shape)
@@ -125,7 +128,7 @@ def fake_quant_lsq(
     fmt = spec.fmt
     if fmt.kind != "int":
         raise ValueError(f"learnable scales need an int format, got {fmt.name!r}; use fake_quant for it")
-    qmin, qmax = fmt.int_range(spec.symmetric)
+    qmin, qmax = fmt.int_range(spec.symmetric, spec.full_range)
     tiling = spec.tiling(x.shape)
     xg = tiling.to_grouped(x).astype(jnp.float32)
     s = jnp.abs(scale.astype(jnp.float32))

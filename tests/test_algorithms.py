@@ -80,9 +80,9 @@ def test_stats_batchwise_equals_one_shot_and_merge():
 
 # --- GPTQ --------------------------------------------------------------------------------
 def _np_quant_params(rows: np.ndarray, spec: QuantSpec):
-    qmin, qmax = spec.fmt.int_range(spec.symmetric)
+    qmin, qmax = spec.fmt.int_range(spec.symmetric, spec.full_range)
     if spec.symmetric:
-        s = np.abs(rows).max(0) / qmax
+        s = np.abs(rows).max(0) / (qmax + 0.5 if spec.full_range else qmax)
         s = np.where(s > 1e-30, s, 1.0)
         return s, None
     lo, hi = np.minimum(rows.min(0), 0), np.maximum(rows.max(0), 0)
@@ -92,7 +92,7 @@ def _np_quant_params(rows: np.ndarray, spec: QuantSpec):
 
 
 def _np_quant(row, s, z, spec):
-    qmin, qmax = spec.fmt.int_range(spec.symmetric)
+    qmin, qmax = spec.fmt.int_range(spec.symmetric, spec.full_range)
     zz = 0.0 if z is None else z
     return (np.clip(np.round(row / s + zz), qmin, qmax) - zz) * s
 
@@ -140,7 +140,9 @@ def test_gptq_matches_reference_and_beats_rtn(spec, act_order, block):
     assert np.all(got[DEAD] == 0)  # dead input channel -> zero row
     ref = gptq_reference(W, STATS.hessian, spec, 32, act_order)
     mismatch = np.mean(~np.isclose(got, ref, rtol=1e-4, atol=1e-6))
-    assert mismatch < 0.01, mismatch  # only float-rounding ties may differ
+    # Only float-rounding ties may differ. The full-range int4 grid maps each group's absmax onto
+    # the tie +-7.5, and a tie that flips propagates through the error feedback, hence 3%.
+    assert mismatch < 0.03, mismatch
     rtn = out_err(A.rtn(W, spec))
     assert out_err(res.q) < 0.8 * rtn
     assert out_err(res.q) == pytest.approx(out_err(jnp.asarray(ref, jnp.float32)), rel=0.02)

@@ -38,6 +38,8 @@ def tensor_and_spec(draw, formats=tuple(INT_FORMATS)):
         kw["group_axis"] = g_axis
         others = [a for a in range(rank) if a != g_axis]
         kw["channel_axes"] = (others[-1],) if others else ()
+    if symmetric and jaxq.numerics.get_format(fmt).kind == "int":
+        kw["full_range"] = draw(st.booleans())
     spec = QuantSpec(fmt, granularity=gran, symmetric=symmetric, **kw)
     seed = draw(st.integers(0, 2**16))
     scale = draw(st.sampled_from([1e-3, 1.0, 50.0]))
@@ -60,6 +62,9 @@ def test_round_trip_error_within_half_step(case):
 @given(tensor_and_spec(formats=("int8", "int4", "int3", "int2", "nf4", "fp8_e4m3", "fp8_e5m2")))
 def test_requantize_is_identity(case):
     x, spec = case
+    # A full-range grid is not a fixed point of absmax recalibration: its dequantized absmax is
+    # 7 or 8 steps, which maps onto 7.5 again at a different scale. Narrow grids are.
+    spec = spec.replace(full_range=False) if spec.full_range else spec
     q1 = jaxq.quantize_array(jnp.asarray(x), spec)
     y1 = q1.dequantize()
     y2 = jaxq.quantize_array(y1, spec).dequantize()
@@ -99,6 +104,36 @@ def test_int_ranges():
     f = jaxq.numerics.get_format
     assert f("int8").int_range(True) == (-127, 127) and f("int8").int_range(False) == (-128, 127)
     assert f("int4").int_range(True) == (-7, 7) and f("int2").int_range(False) == (-2, 1)
+    assert f("int4").int_range(True, full_range=True) == (-8, 7)
+    assert f("int4").symmetric_bound(True) == 7.5 and f("int4").symmetric_bound(False) == 7.0
+
+
+def test_full_range_defaults_and_validation():
+    assert QuantSpec("int4").full_range and QuantSpec("int3").full_range and QuantSpec("int2").full_range
+    assert not QuantSpec("int8").full_range
+    assert not QuantSpec("int4", symmetric=False, full_range=True).full_range  # asymmetric: all codes anyway
+    assert QuantSpec("int8", full_range=True).full_range
+    assert not QuantSpec("int4", full_range=False).full_range
+    with pytest.raises(ValueError, match="full_range applies to int formats"):
+        QuantSpec("fp8", full_range=True)
+    with pytest.raises(ValueError, match="narrow int8 grid"):
+        from jaxq.ops.activations import check_activation_spec
+
+        check_activation_spec(QuantSpec("int8", "per_token", full_range=True))
+
+
+@pytest.mark.parametrize("fmt,levels", [("int4", 16), ("int3", 8), ("int2", 4)])
+def test_full_range_uses_every_code_and_beats_narrow(fmt, levels):
+    w = jax.random.normal(jax.random.key(1), (1024, 64), jnp.float32)
+    full, narrow = QuantSpec(fmt, "per_group", 64), QuantSpec(fmt, "per_group", 64, full_range=False)
+    q = jaxq.quantize_array(w, full)
+    codes = np.asarray(jaxq.numerics.packing.unpack_codes(q.values, q.meta.pack_axis, q.meta.fmt.pack_factor)
+                       if q.meta.pack_axis is not None else q.values)
+    assert len(np.unique(codes)) == levels and codes.min() == -(levels // 2) and codes.max() == levels // 2 - 1
+    # Absmax maps onto qmax + 0.5: nothing is off by more than half a step.
+    step = np.asarray(q.meta.tiling.broadcast_scale(q.scale, w.shape))
+    assert np.all(np.abs(np.asarray(w) - np.asarray(q.dequantize())) <= 0.5 * step * (1 + 1e-5))
+    assert _sqnr(w, full) > _sqnr(w, narrow) + 0.3
 
 
 @pytest.fixture(scope="module")

@@ -91,8 +91,8 @@ def group_range(
     Returns keep-dims ``[G, 1, N]`` (``[1, 1, 1]`` per tensor) arrays.
     """
     axes = (0, 1, 2) if per_tensor else (1,)
-    lo, hi = ranges.select_range(wg, axes, spec.range_method, spec.fmt, spec.symmetric, spec.percentile)
-    return codec.scale_and_zero_point(lo * ratio, hi * ratio, spec.fmt, spec.symmetric)
+    lo, hi = ranges.select_range(wg, axes, spec.range_method, spec.fmt, spec.symmetric, spec.percentile, spec.full_range)
+    return codec.scale_and_zero_point(lo * ratio, hi * ratio, spec.fmt, spec.symmetric, spec.full_range)
 
 
 def base_range(wg: jax.Array, spec: QuantSpec, per_tensor: bool) -> tuple[jax.Array, jax.Array]:
@@ -108,7 +108,7 @@ def fake_quant_grouped(
 ) -> jax.Array:
     """``decode(encode(wg))`` with broadcastable ``scale``/``zp`` (float32)."""
     fmt = spec.fmt
-    return codec.decode(codec.encode(wg, scale, zp, fmt, spec.symmetric), scale, zp, fmt)
+    return codec.decode(codec.encode(wg, scale, zp, fmt, spec.symmetric, spec.full_range), scale, zp, fmt)
 
 
 def rtn_fake_quant(w: jax.Array, spec: QuantSpec) -> jax.Array:

@@ -7,8 +7,10 @@ and the activations down by the same factor, which leaves the float layer unchan
            (x / s)\, Q(\mathrm{diag}(s)\,W).
 
 1. **Scale search.** ``s = \bar{|x|}^{\alpha}`` (clamped at ``1e-4``, normalised by
-   ``\sqrt{\max s \cdot \min s}``) for ``\alpha`` on a grid in ``[0, 1)``; the ``\alpha``
-   minimising the layer output error
+   ``\sqrt{\max s \cdot \min s}``) for ``\alpha`` on a grid in ``[0, 1)`` and, with
+   ``duo_scaling``, also ``s = \bar{|x|}^{\alpha} / \bar{|\tilde w|}^{1-\alpha}`` (``\tilde w``:
+   the weight normalised by its group's absmax, averaged over outputs; the weight-aware form
+   of later AWQ releases); the candidate minimising the layer output error
 
    .. math::  L(\alpha) = \| X W - X\,\mathrm{diag}(s)^{-1} Q(\mathrm{diag}(s) W) \|_F^2
               = \operatorname{tr}(D^\top H D), \quad D = W - \mathrm{diag}(s)^{-1}Q(\mathrm{diag}(s)W)
@@ -56,6 +58,7 @@ class AWQResult(NamedTuple):
       alpha: the chosen exponent.
       loss: output error ``tr(D^T H D)`` of the result (after clipping), with ``H = X^T X / n``.
       rtn_loss: the same for plain round-to-nearest, for reference.
+      duo: whether the chosen scale is the weight-aware (duo) form.
     """
 
     q: QArray | tuple[QArray, ...]
@@ -63,19 +66,28 @@ class AWQResult(NamedTuple):
     alpha: jax.Array
     loss: jax.Array
     rtn_loss: jax.Array
+    duo: jax.Array | bool = False
 
 
 def awq_scales(
-    mean_abs: jax.Array, alpha: jax.Array | float, tie: jax.Array | None = None, slots: int = 0
+    mean_abs: jax.Array,
+    alpha: jax.Array | float,
+    tie: jax.Array | None = None,
+    slots: int = 0,
+    w_mean: jax.Array | None = None,
 ) -> jax.Array:
-    """``s = mean|x|^alpha``, clamped at 1e-4, normalised to ``max(s) * min(s) = 1``; dead channels get 1.
+    """``s = mean|x|^alpha`` (or ``mean|x|^alpha / w_mean^(1-alpha)`` with ``w_mean``), clamped at
+    1e-4, normalised to ``max(s) * min(s) = 1``; dead channels get 1.
 
     With a ``tie`` map (channel -> slot, ``slots`` slots) channels of one slot share a scale,
-    computed from their mean ``mean|x|``; the result is still per channel ``[K]``.
+    computed from their mean statistics; the result is still per channel ``[K]``.
     """
     m = C.tie_reduce(mean_abs, tie, slots, "mean")
     live = m > 0
-    s = jnp.maximum(jnp.where(live, m, 1.0) ** alpha, 1e-4)
+    s = jnp.where(live, m, 1.0) ** alpha
+    if w_mean is not None:
+        s = s / (C.tie_reduce(w_mean, tie, slots, "mean") ** (1.0 - alpha) + 1e-4)
+    s = jnp.maximum(s, 1e-4)
     s = jnp.where(live, s, 1.0)
     s = s / jnp.sqrt(jnp.max(s) * jnp.min(s))
     return s if tie is None else s[tie]
@@ -112,13 +124,20 @@ def _clip_search(
 def spec_scale(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
     from jaxq.numerics import codec
 
-    return codec.scale_and_zero_point(lo, hi, spec.fmt, spec.symmetric)
+    return codec.scale_and_zero_point(lo, hi, spec.fmt, spec.symmetric, spec.full_range)
 
 
-@partial(jax.jit, static_argnames=("spec", "n_grid", "clip_grid", "max_shrink", "clip", "name", "slots"))
+def weight_mean(w: jax.Array, layout: C.Layout) -> jax.Array:
+    """Per input channel mean of ``|w|`` normalised by its scale group's absmax: ``[K]``."""
+    a = jnp.abs(w).reshape(layout.groups, layout.group_size, -1)
+    a = a / jnp.maximum(jnp.max(a, axis=1, keepdims=True), 1e-12)
+    return jnp.mean(a, axis=2).reshape(-1)
+
+
+@partial(jax.jit, static_argnames=("spec", "n_grid", "clip_grid", "max_shrink", "clip", "name", "slots", "duo"))
 def _awq(
     w, xtx, abs_sum, count, x, tie, *, spec: QuantSpec, n_grid: int, clip_grid: int, max_shrink: float, clip: bool,
-    name: str, slots: int,
+    name: str, slots: int, duo: bool,
 ):
     layout = C.weight_layout(spec, w.shape, name)
     w = w.astype(jnp.float32)
@@ -133,16 +152,24 @@ def _awq(
         xd = jnp.dot(x, d, precision=jax.lax.Precision.HIGHEST)
         return jnp.sum(xd * xd) / x.shape[0]
 
-    def loss_for(alpha):
-        s = awq_scales(mean_abs, alpha, tie, slots)
+    w_mean = weight_mean(w, layout)
+
+    def scales_for(alpha, use_w):
+        return jnp.where(use_w, awq_scales(mean_abs, alpha, tie, slots, w_mean), awq_scales(mean_abs, alpha, tie, slots))
+
+    def loss_for(cand):
+        alpha, use_w = cand
+        s = scales_for(alpha, use_w)
         wq = C.rtn_fake_quant(w * s[:, None], spec) / s[:, None]
         return out_err(w - wq)
 
-    alphas = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
-    losses = jax.lax.map(loss_for, alphas)
-    best = jnp.argmin(losses)  # alpha = 0 first: ties keep plain RTN
-    alpha = alphas[best]
-    s = awq_scales(mean_abs, alpha, tie, slots)
+    grid = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+    alphas = jnp.concatenate([grid, grid]) if duo else grid
+    use_ws = jnp.arange(alphas.shape[0]) >= n_grid
+    losses = jax.lax.map(loss_for, (alphas, use_ws))
+    best = jnp.argmin(losses)  # alpha = 0 of the plain form first: ties keep plain RTN
+    alpha, use_w = alphas[best], use_ws[best]
+    s = scales_for(alpha, use_w)
     ws = w * s[:, None]
     wsg = ws.reshape(layout.groups, layout.group_size, -1)
 
@@ -163,7 +190,7 @@ def _awq(
         zp = None if zp is None else jnp.where(better, c_zp, zp)
         wq = jnp.where(better, c_wq, wq)
         loss = jnp.minimum(c_loss, loss)
-    return wq, scale, zp, s, alpha, loss, losses[0]
+    return wq, scale, zp, s, alpha, loss, losses[0], use_w
 
 
 def awq(
@@ -176,6 +203,7 @@ def awq(
     clip_grid: int = 20,
     max_shrink: float = 0.5,
     tie: jax.Array | np.ndarray | None = None,
+    duo_scaling: bool = True,
     name: str = "",
 ) -> AWQResult:
     """Quantizes a Dense kernel ``w [K, N]`` (or several kernels sharing one input) with AWQ.
@@ -192,6 +220,8 @@ def awq(
       tie: optional ``[K]`` map channel -> slot: channels of one slot get one scale (e.g. the
         ``o_proj`` inputs fed by one ``v_proj`` column under grouped-query attention, so that
         ``1/s`` can still be folded into ``v_proj``).
+      duo_scaling: also search the weight-aware scales ``mean|x|^a / mean|w~|^(1-a)`` (twice the
+        candidates; the best of both forms is kept, so it never does worse on the calibration data).
       name: layer name for error messages.
 
     Returns:
@@ -222,7 +252,7 @@ def awq(
         qs = tuple(quantize_array(wi, spec, where=name) for wi in ws)
         one = jnp.ones((k,), jnp.float32)
         z = jnp.zeros((), jnp.float32)
-        return AWQResult(qs if many else qs[0], one, z, z, z)
+        return AWQResult(qs if many else qs[0], one, z, z, z, False)
     C.weight_layout(spec, (k, sum(int(wi.shape[1]) for wi in ws)), name)
     if not 0.0 <= max_shrink < 1.0:
         raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink}")
@@ -231,7 +261,7 @@ def awq(
         splits.append((start, int(wi.shape[1]), np.dtype(wi.dtype)))
         start += int(wi.shape[1])
     cat = jnp.concatenate([wi.astype(jnp.float32) for wi in ws], axis=1) if many else ws[0]
-    wq, scale, zp, s, alpha, loss, rtn_loss = _awq(
+    wq, scale, zp, s, alpha, loss, rtn_loss, duo = _awq(
         cat,
         stats.xtx,
         stats.abs_sum,
@@ -245,6 +275,7 @@ def awq(
         clip=bool(clip),
         name="",  # validated above; a per-layer static name would recompile for every layer
         slots=slots,
+        duo=bool(duo_scaling) and int(n_grid) > 1,
     )
     qs = C.split_to_qarrays(wq, scale, zp, spec, splits)
-    return AWQResult(qs if many else qs[0], s, alpha, loss, rtn_loss)
+    return AWQResult(qs if many else qs[0], s, alpha, loss, rtn_loss, duo)

@@ -60,7 +60,8 @@ class Recipe:
         calibration forward); a format name such as ``"int8"`` means dynamic per-token.
         ``"smoothquant"`` defaults to dynamic per-token int8.
       block_size, percdamp, act_order: GPTQ options.
-      awq_grid, awq_clip: AWQ's ``alpha`` grid size and whether to search clip ratios.
+      awq_grid, awq_clip, awq_duo: AWQ's ``alpha`` grid size, whether to search clip ratios, and
+        whether to also search the weight-aware (duo) scale form.
       alpha: SmoothQuant migration strength.
       true_sequential: re-collect each input group's statistics after the groups before it in
         the block were quantized (GPTQ's ``--true-sequential``).
@@ -76,6 +77,7 @@ class Recipe:
     act_order: bool = True
     awq_grid: int = 20
     awq_clip: bool = True
+    awq_duo: bool = True
     alpha: float = 0.5
     true_sequential: bool = True
     bias_correction: bool = False
@@ -239,7 +241,8 @@ def quantize_block(
             name = f"{prefix}{g.name}"
             tie = g.tie(int(ws[0].shape[0]))
             if recipe.method == "awq":
-                s = awq(ws, phase1[g.name], spec, n_grid=recipe.awq_grid, clip=False, tie=tie, name=name).input_scale
+                s = awq(ws, phase1[g.name], spec, n_grid=recipe.awq_grid, clip=False, tie=tie,
+                        duo_scaling=recipe.awq_duo, name=name).input_scale
             else:
                 s = smoothquant(ws, phase1[g.name], spec, alpha=recipe.alpha, tie=tie, name=name).act_divisor
             _apply_scale(bp, g, s)

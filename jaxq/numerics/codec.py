@@ -22,20 +22,21 @@ def _safe(scale: jax.Array) -> jax.Array:
 
 
 def scale_and_zero_point(
-    lo: jax.Array, hi: jax.Array, fmt: Format, symmetric: bool
+    lo: jax.Array, hi: jax.Array, fmt: Format, symmetric: bool, full_range: bool = False
 ) -> tuple[jax.Array, jax.Array | None]:
     """Chooses scale (and zero point) so that ``[lo, hi]`` maps onto the code range.
 
-    Symmetric formats use ``max(|lo|, |hi|)``; asymmetric ones widen ``[lo, hi]``
-    to contain 0 so that zero stays exactly representable (padding, ReLU outputs).
-    The zero point is an integer-valued float in the code domain.
+    Symmetric formats use ``max(|lo|, |hi|)``, mapped onto ``fmt.symmetric_bound(full_range)``;
+    asymmetric ones widen ``[lo, hi]`` to contain 0 so that zero stays exactly representable
+    (padding, ReLU outputs). The zero point is an integer-valued float in the code domain.
     """
     lo = lo.astype(jnp.float32)
     hi = hi.astype(jnp.float32)
     if fmt.kind == "int":
         qmin, qmax = fmt.int_range(symmetric)
         if symmetric:
-            return _safe(jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / qmax), None
+            bound = fmt.symmetric_bound(full_range)
+            return _safe(jnp.maximum(jnp.abs(lo), jnp.abs(hi)) / bound), None
         lo, hi = jnp.minimum(lo, 0.0), jnp.maximum(hi, 0.0)
         scale = _safe((hi - lo) / (qmax - qmin))
         zp = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax)
@@ -46,12 +47,17 @@ def scale_and_zero_point(
 
 
 def encode(
-    xg: jax.Array, scale: jax.Array, zero_point: jax.Array | None, fmt: Format, symmetric: bool
+    xg: jax.Array,
+    scale: jax.Array,
+    zero_point: jax.Array | None,
+    fmt: Format,
+    symmetric: bool,
+    full_range: bool = False,
 ) -> jax.Array:
     """Real values -> codes in ``fmt.storage_dtype`` (unpacked: one code per element)."""
     y = xg.astype(jnp.float32) / scale
     if fmt.kind == "int":
-        qmin, qmax = fmt.int_range(symmetric)
+        qmin, qmax = fmt.int_range(symmetric, full_range)
         if zero_point is not None:
             y = y + zero_point
         return jnp.clip(jnp.round(y), qmin, qmax).astype(jnp.int8)
@@ -83,8 +89,8 @@ def decode(
 
 
 def fake_quantize(
-    xg: jax.Array, lo: jax.Array, hi: jax.Array, fmt: Format, symmetric: bool
+    xg: jax.Array, lo: jax.Array, hi: jax.Array, fmt: Format, symmetric: bool, full_range: bool = False
 ) -> jax.Array:
     """``decode(encode(x))`` for the range ``[lo, hi]``, in float32."""
-    scale, zp = scale_and_zero_point(lo, hi, fmt, symmetric)
-    return decode(encode(xg, scale, zp, fmt, symmetric), scale, zp, fmt)
+    scale, zp = scale_and_zero_point(lo, hi, fmt, symmetric, full_range)
+    return decode(encode(xg, scale, zp, fmt, symmetric, full_range), scale, zp, fmt)

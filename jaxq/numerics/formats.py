@@ -60,16 +60,31 @@ class Format:
     def has_scale(self) -> bool:
         return self.kind in ("int", "float", "codebook")
 
-    def int_range(self, symmetric: bool) -> tuple[int, int]:
+    def int_range(self, symmetric: bool, full_range: bool = False) -> tuple[int, int]:
         """The integer code range ``[qmin, qmax]`` of an ``int`` format.
 
-        Symmetric formats drop the most negative code (e.g. -128 for int8) so that
-        the grid is symmetric around an exact zero; asymmetric formats use all codes.
+        Narrow symmetric grids drop the most negative code (e.g. -128 for int8) so
+        that the grid is symmetric around an exact zero. Asymmetric grids, and
+        symmetric ones with ``full_range``, use every code.
         """
         if self.kind != "int":
             raise ValueError(f"int_range is only defined for int formats, not {self.name!r}")
         half = 2 ** (self.bits - 1)
-        return (-(half - 1), half - 1) if symmetric else (-half, half - 1)
+        return (-(half - 1), half - 1) if symmetric and not full_range else (-half, half - 1)
+
+    def symmetric_bound(self, full_range: bool = False) -> float:
+        """The code-domain magnitude that a symmetric scale maps the range's absmax onto.
+
+        Narrow: ``qmax`` (7 for int4). Full range: ``qmax + 0.5`` (7.5 for int4), so the
+        absmax lands on the edge of the top bucket; values there round to ``-2**(b-1)``
+        on the negative side and clip to ``qmax`` on the positive side (at most half a
+        step), which buys one more level: 16 instead of 15 for int4, 8 instead of 7 for
+        int3, 4 instead of 3 for int2.
+        """
+        if self.kind != "int":
+            return float(self.max_value)
+        qmax = 2 ** (self.bits - 1) - 1
+        return qmax + 0.5 if full_range else float(qmax)
 
     @property
     def pack_factor(self) -> int:

@@ -54,6 +54,7 @@ def mse_search(
     symmetric: bool,
     num_candidates: int = 32,
     min_ratio: float = 0.3,
+    full_range: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-group clip ratio in ``[min_ratio, 1]`` that minimises ``||x - fq(x)||^2``.
 
@@ -66,7 +67,7 @@ def mse_search(
     lo0, hi0 = absmax(x, axes) if symmetric else minmax(x, axes)
 
     def err(r):
-        d = x - codec.fake_quantize(x, lo0 * r, hi0 * r, fmt, symmetric)
+        d = x - codec.fake_quantize(x, lo0 * r, hi0 * r, fmt, symmetric, full_range)
         return jnp.sum(d * d, axis=tuple(axes), keepdims=True)
 
     ratios = jnp.linspace(1.0, min_ratio, num_candidates)
@@ -90,8 +91,9 @@ def select_range(
     fmt: Format,
     symmetric: bool,
     percentile_q: float = 99.9,
+    full_range: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Dispatches to a range method by name."""
+    """Dispatches to a range method by name (``full_range`` only matters to the MSE search)."""
     if method == "absmax":
         return absmax(xg, axes) if symmetric else minmax(xg, axes)
     if method == "minmax":
@@ -99,5 +101,5 @@ def select_range(
     if method == "percentile":
         return percentile(xg, axes, percentile_q, symmetric)
     if method == "mse":
-        return mse_search(xg, axes, fmt, symmetric)
+        return mse_search(xg, axes, fmt, symmetric, full_range=full_range)
     raise ValueError(f"unknown range method {method!r}; choose one of {RANGE_METHODS}")

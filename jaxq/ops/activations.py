@@ -17,6 +17,11 @@ def check_activation_spec(spec: QuantSpec) -> None:
         )
     if spec.granularity not in ("per_token", "per_tensor"):
         raise ValueError(f"activation granularity must be 'per_token' or 'per_tensor', got {spec.granularity!r}")
+    if spec.full_range:
+        raise ValueError(
+            "activation quantization uses the narrow int8 grid [-127, 127] (the int8 x int8 kernels and "
+            "static scales assume it); use QuantSpec('int8', ..., full_range=False) or leave full_range unset"
+        )
 
 
 def activation_scale(x: jax.Array, spec: QuantSpec) -> jax.Array:
