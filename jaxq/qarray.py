@@ -34,7 +34,8 @@ class QMeta:
       tiling: how ``scale`` tiles the tensor.
       symmetric: whether there is no zero point.
       pack_axis: negative axis along which sub-byte codes share a byte, or None
-        (two per byte for int4/nf4, four for int2: ``fmt.pack_factor``).
+        (two per byte for int4/nf4, four for int2, eight per three bytes for int3:
+        ``fmt.pack_codes`` per ``fmt.pack_bytes``).
       act_spec: how the activations that meet this weight in a matmul are
         quantized (W8A8), as chosen by the policy rule; ``None`` for weight-only.
         The ops read it, so a quantized tree carries its own serving recipe.
@@ -88,7 +89,8 @@ class QArray:
     def shape(self) -> tuple[int, ...]:
         shape = list(self.values.shape)
         if self.meta.pack_axis is not None:
-            shape[self.meta.pack_axis] *= self.meta.fmt.pack_factor
+            fmt = self.meta.fmt
+            shape[self.meta.pack_axis] = shape[self.meta.pack_axis] * fmt.pack_codes // fmt.pack_bytes
         return tuple(shape)
 
     @property
@@ -117,7 +119,7 @@ class QArray:
         """Unpacked integer codes (int8), one per logical element (int and codebook formats)."""
         if self.meta.pack_axis is None:
             return self.values
-        return unpack_codes(self.values, self.meta.pack_axis, self.meta.fmt.pack_factor)
+        return unpack_codes(self.values, self.meta.pack_axis, self.meta.fmt.pack_codes)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
         """The real-valued tensor, in ``dtype`` (default: the logical dtype)."""
@@ -209,8 +211,8 @@ def quantize_array(
         if zp_g is None and not spec.symmetric:
             raise ValueError(f"asymmetric spec for {where or 'tensor'} needs a zero_point with its scale")
     codes = codec.encode(xg, scale_g, zp_g, fmt, spec.symmetric, spec.full_range).reshape(x.shape)
-    pack_axis = _choose_pack_axis(x.shape, tiling, fmt.pack_factor) if fmt.packed else None
-    values = codes if pack_axis is None else pack_codes(codes, pack_axis, fmt.pack_factor)
+    pack_axis = _choose_pack_axis(x.shape, tiling, fmt.pack_codes) if fmt.packed else None
+    values = codes if pack_axis is None else pack_codes(codes, pack_axis, fmt.pack_codes)
     stored_scale = tiling.scale_from_grouped(scale_g).astype(spec.scale_dtype)
     stored_zp = None if zp_g is None else tiling.scale_from_grouped(zp_g).astype(spec.scale_dtype)
     meta = QMeta(fmt.name, logical_dtype, tiling, spec.symmetric, pack_axis, act_spec)

@@ -127,7 +127,7 @@ def test_full_range_uses_every_code_and_beats_narrow(fmt, levels):
     w = jax.random.normal(jax.random.key(1), (1024, 64), jnp.float32)
     full, narrow = QuantSpec(fmt, "per_group", 64), QuantSpec(fmt, "per_group", 64, full_range=False)
     q = jaxq.quantize_array(w, full)
-    codes = np.asarray(jaxq.numerics.packing.unpack_codes(q.values, q.meta.pack_axis, q.meta.fmt.pack_factor)
+    codes = np.asarray(jaxq.numerics.packing.unpack_codes(q.values, q.meta.pack_axis, q.meta.fmt.pack_codes)
                        if q.meta.pack_axis is not None else q.values)
     assert len(np.unique(codes)) == levels and codes.min() == -(levels // 2) and codes.max() == levels // 2 - 1
     # Absmax maps onto qmax + 0.5: nothing is off by more than half a step.
@@ -188,3 +188,21 @@ def test_int2_packs_four_per_byte():
     q = jaxq.quantize_array(jax.random.normal(jax.random.key(0), (64, 32)), QuantSpec("int2"))
     assert q.values.shape == (16, 32) and q.shape == (64, 32)
     assert q.nbytes == 64 * 32 // 4 + 32 * 4  # codes at 2 bits + one f32 scale per channel
+
+
+def test_int3_packs_eight_per_three_bytes():
+    from jaxq.numerics.packing import pack_int3, unpack_int3
+
+    # Every code in every slot, along a middle axis.
+    codes = jnp.asarray(np.random.default_rng(0).integers(-4, 4, (3, 64, 5)), jnp.int8)
+    packed = pack_int3(codes, 1)
+    assert packed.shape == (3, 24, 5) and packed.dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(unpack_int3(packed, 1)), np.asarray(codes))
+    # Bit layout: element j of a group of eight sits in bits 3j..3j+2 of a little-endian word.
+    one = pack_int3(jnp.array([1, -1, 0, 0, 0, 0, 0, -4], jnp.int8), 0)
+    word = int.from_bytes(np.asarray(one).astype(np.uint8).tobytes(), "little")
+    assert word == 1 | (7 << 3) | (4 << 21)
+    q = jaxq.quantize_array(jax.random.normal(jax.random.key(0), (128, 32)), QuantSpec("int3", "per_group", 64))
+    assert q.values.shape == (48, 32) and q.shape == (128, 32)
+    assert q.nbytes == 128 * 32 * 3 // 8 + 2 * 32 * 4  # codes at 3 bits + two f32 scales per column
+    assert q.codes.shape == (128, 32) and int(q.codes.min()) == -4 and int(q.codes.max()) == 3

@@ -38,8 +38,8 @@ def unsupported_reason(meta: QMeta, act_spec: QuantSpec | None, k: int, n: int) 
     chans = tuple(a for a in t.channel_axes if a >= -2)
     if chans not in ((), (-1,)) or t.group_axis not in (None, -2):
         return f"scales must be per output channel or per group along K, got {t}"
-    if meta.pack_axis is not None and fmt.pack_factor != 2:
-        return f"{fmt.name} codes are packed {fmt.pack_factor} per byte; the kernels take int8 or int4"
+    if meta.pack_axis is not None and fmt.pack_codes != 2:
+        return f"{fmt.name} codes are packed {fmt.pack_codes} per {fmt.pack_bytes} byte(s); the kernels take int8 or int4"
     if meta.pack_axis not in (None, -2):
         return f"int4 codes must be packed along K (pack_axis=-2), got pack_axis={meta.pack_axis}"
     if act_spec is not None:

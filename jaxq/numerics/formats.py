@@ -44,7 +44,8 @@ class Format:
       kind: family of the format (see module docstring).
       bits: information bits per element.
       storage_dtype: dtype of the stored values array.
-      packed: whether several codes share one byte (two for int4/nf4, four for int2).
+      packed: whether codes are packed below one byte each (two per byte for int4/nf4, four
+        per byte for int2, eight per three bytes for int3).
       max_value: largest representable magnitude of the code (127 for int8,
         448 for fp8 e4m3, 1 for nf4); ``None`` for casts.
     """
@@ -87,13 +88,20 @@ class Format:
         return qmax + 0.5 if full_range else float(qmax)
 
     @property
-    def pack_factor(self) -> int:
-        """Codes per stored byte: 2 for 4-bit formats, 4 for int2, else 1."""
-        return 8 // self.bits if self.packed else 1
+    def pack_codes(self) -> int:
+        """Codes per packing unit: 2 for 4-bit formats, 4 for int2, 8 for int3, else 1."""
+        if not self.packed:
+            return 1
+        return 8 // self.bits if 8 % self.bits == 0 else 8
+
+    @property
+    def pack_bytes(self) -> int:
+        """Bytes per packing unit: 3 for int3 (eight 3-bit codes), else 1."""
+        return self.pack_codes * self.bits // 8 if self.packed else 1
 
     def storage_bits_per_element(self) -> float:
         """Bits that one element really takes in memory (container included)."""
-        return 8.0 * np.dtype(self.storage_dtype).itemsize / self.pack_factor
+        return 8.0 * np.dtype(self.storage_dtype).itemsize * self.pack_bytes / self.pack_codes
 
 
 _FORMATS: dict[str, Format] = {
@@ -101,8 +109,8 @@ _FORMATS: dict[str, Format] = {
     for f in (
         Format("int8", "int", 8, np.dtype(np.int8), max_value=127),
         Format("int4", "int", 4, np.dtype(np.int8), packed=True, max_value=7),
-        # int3 lives in an int8 container (`QArray.nbytes` says so); int2 packs four per byte.
-        Format("int3", "int", 3, np.dtype(np.int8), max_value=3),
+        # int3 packs eight codes into three bytes; int2 packs four per byte.
+        Format("int3", "int", 3, np.dtype(np.int8), packed=True, max_value=3),
         Format("int2", "int", 2, np.dtype(np.int8), packed=True, max_value=1),
         Format("fp8_e4m3", "float", 8, np.dtype(ml_dtypes.float8_e4m3fn), max_value=448.0),
         Format("fp8_e5m2", "float", 8, np.dtype(ml_dtypes.float8_e5m2), max_value=57344.0),

@@ -59,7 +59,7 @@ def _chunk_rows(w: QArray) -> int | None:
     k, n = w.shape
     unit = w.meta.tiling.group_size or 1
     if w.meta.pack_axis is not None:
-        unit = math.lcm(unit, w.meta.fmt.pack_factor)
+        unit = math.lcm(unit, w.meta.fmt.pack_codes)
     target = max(unit, _CHUNK_ELEMENTS // max(n, 1))
     rows = max((r for r in range(unit, min(k, target) + 1, unit) if k % r == 0), default=None)
     return None if rows is None or rows == k else rows
@@ -75,9 +75,9 @@ def _chunked_dequant_matmul(x2: jax.Array, w: QArray, rows: int, out_dtype) -> j
     k, n = w.shape
     nc = k // rows
     t = w.meta.tiling
-    factor = w.meta.fmt.pack_factor if w.meta.pack_axis is not None else 1
-    packed = factor == 2  # 4-bit: even/odd halves; int2 takes the generic path
-    values = w.values.reshape(nc, rows // factor, n)
+    codes, nbytes = (w.meta.fmt.pack_codes, w.meta.fmt.pack_bytes) if w.meta.pack_axis is not None else (1, 1)
+    packed = codes == 2  # 4-bit: even/odd halves; int2 and int3 take the generic path
+    values = w.values.reshape(nc, rows // codes * nbytes, n)
 
     def per_chunk(a):
         # Per-group scales are cut with the chunk; per-channel ones are shared.
@@ -111,7 +111,7 @@ def _chunked_dequant_matmul(x2: jax.Array, w: QArray, rows: int, out_dtype) -> j
             w_hi = codec.decode(hi, sr, zr, fmt, x2.dtype)
             part = jnp.dot(xi[0], w_lo, preferred_element_type=jnp.float32)
             part += jnp.dot(xi[1], w_hi, preferred_element_type=jnp.float32)
-        elif factor > 1:
+        elif codes > 1:
             chunk = QArray(vi, si, zi, w.meta).dequantize(x2.dtype)
             part = jnp.dot(xi, chunk, preferred_element_type=jnp.float32)
         else:
