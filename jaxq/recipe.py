@@ -158,6 +158,12 @@ def _bool(v: Any, key: str) -> bool:
     return v
 
 
+def _optional_bool(v: Any, key: str) -> bool | None:
+    if v is not None and not isinstance(v, bool):
+        raise RecipeError(key, f"got {v!r}; allowed values: true, false, null")
+    return v
+
+
 def _str(optional: bool = False) -> Check:
     def check(v: Any, key: str) -> Any:
         if v is None and optional:
@@ -312,6 +318,8 @@ class StrategyConfig(_Section):
       range_method: how weight ranges are chosen: ``absmax``, ``minmax``,
         ``percentile`` or ``mse`` (clip search minimising the round-trip error).
       symmetric: symmetric codes (no zero point).
+      full_range: symmetric int grid with every code (``[-8, 7]`` for int4) or the narrow one
+        (``[-7, 7]``; int2 is then ternary); ``null`` = jaxq's default (full at <= 4 bits).
       calibration_batches: training batches used to calibrate static activation scales.
       qat: fine-tuning settings (``method: qat`` only).
     """
@@ -325,6 +333,7 @@ class StrategyConfig(_Section):
     group_size: int | None = _field(None, _int(2, optional=True))
     range_method: str = _field("absmax", _choice(RANGE_METHODS))
     symmetric: bool = _field(True, _bool)
+    full_range: bool | None = _field(None, _optional_bool)
     calibration_batches: int = _field(8, _int(1))
     qat: QatConfig = dataclasses.field(default_factory=QatConfig, metadata={"check": _section(QatConfig)})
 
@@ -369,7 +378,8 @@ class StrategyConfig(_Section):
             weight = None
         elif self.precision in INT_PRECISIONS:
             weight = QuantSpec(self.precision, granularity=self.granularity, group_size=self.group_size,
-                               symmetric=self.symmetric, range_method=self.range_method)
+                               symmetric=self.symmetric, range_method=self.range_method,
+                               full_range=self.full_range)
         else:
             weight = QuantSpec(self.precision)
         act = None
@@ -392,6 +402,8 @@ class StrategyConfig(_Section):
             parts.append(self.range_method)
         if not self.symmetric:
             parts.append("asym")
+        elif self.full_range is not None and self.full_range != QuantSpec(self.precision).full_range:
+            parts.append("full" if self.full_range else "narrow")
         if self.activation_mode == "static":
             parts.append("static")
         if self.method == "qat":

@@ -121,6 +121,11 @@ def test_policy_of_a_strategy():
     assert parse_strategy("bf16").policy().rules[0].weight.format == "bf16"
     mse = parse_strategy({"precision": "int4", "range_method": "mse"}).policy()
     assert mse.rules[0].weight.range_method == "mse"
+    assert mse.rules[0].weight.full_range  # jaxq's default at 4 bits
+    ternary = parse_strategy({"precision": "int2", "full_range": False})
+    assert not ternary.policy().rules[0].weight.full_range and ternary.name == "int2-narrow"
+    with pytest.raises(RecipeError, match="full_range"):
+        parse_strategy({"precision": "int4", "full_range": "yes"})
 
 
 def test_load_recipe_file_errors_mention_the_file(tmp_path):
