@@ -172,6 +172,15 @@ def test_awq_beats_rtn(spec):
     assert float(res.loss) == pytest.approx(awq_err * N, rel=1e-3)
 
 
+def test_awq_duo_scaling_searches_a_superset():
+    # The duo search holds every plain candidate, so its pre-clip loss can only be lower or equal.
+    plain = A.awq(W, STATS, G32, clip=False, duo_scaling=False, name="fc")
+    duo = A.awq(W, STATS, G32, clip=False, duo_scaling=True, name="fc")
+    assert float(duo.loss) <= float(plain.loss) * (1 + 1e-5)
+    assert float(duo.rtn_loss) == pytest.approx(float(plain.rtn_loss), rel=1e-6)
+    assert out_err(duo.q, duo.input_scale) * N == pytest.approx(float(duo.loss), rel=1e-3)
+
+
 def test_awq_shared_input_kernels_and_fold_into_norm():
     w1, w2 = W[:, :32], W[:, 32:] * 2.0  # together as wide as W: reuses the compiled search
     res = A.awq([w1, w2], STATS, G32, name="qk")
