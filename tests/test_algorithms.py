@@ -339,15 +339,24 @@ def test_sequential_gptq_and_awq_beat_rtn_on_tiny_llama():
     fwd = jax.jit(lambda p: model.apply({"params": p}, tokens))
     ref = fwd(params)
 
+    scales = {}
+
     def err(recipe):
         qp, reports = quantize_model(model, params, tokens, recipe, batch_size=8)
         assert len(reports) == 2 and isinstance(qp["layers_1"]["mlp"]["down_proj"]["kernel"], jaxq.QArray)
+        scales[recipe] = qp["layers_0"]["attn"]["q_proj"]["kernel"].scale
         return float(jnp.mean((fwd(jaxq.dequantize(qp)) - ref) ** 2))
 
     spec = QuantSpec("int3", "per_channel")
     rtn = err(Recipe("rtn", spec))
     assert err(Recipe("gptq", spec)) < 0.6 * rtn
+    assert err(Recipe("gptq", spec, gptq_mse=False)) < 0.6 * rtn
     assert err(Recipe("awq", spec)) < 0.6 * rtn
+    # gptq_mse: the scales come from the MSE clip search (never above absmax, some below); without
+    # it, from the absmax of the original kernel, as RTN's.
+    mse, absmax = scales[Recipe("gptq", spec)], scales[Recipe("gptq", spec, gptq_mse=False)]
+    np.testing.assert_allclose(absmax, scales[Recipe("rtn", spec)], rtol=1e-6)
+    assert bool(jnp.all(mse <= absmax * (1 + 1e-6))) and bool(jnp.any(mse < 0.99 * absmax))
 
 
 def test_gptq_joint_kernels_equal_separate_ones():
