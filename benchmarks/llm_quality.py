@@ -3,13 +3,13 @@
 Models:
 
 * **TinyStories-656K** (the real pretrained Llama, ``$JAXQ_DATA_DIR/tinystories_656k``).
-  Held-out text: the short stories in :data:`HELD_OUT_STORIES`, written for this benchmark in
-  the TinyStories style (no TinyStories text ships with the data folder), so the model has
-  never seen them. Calibration: sequences sampled from the float model itself (temperature 1,
+  Held-out text: the 84 short stories in ``benchmarks/tinystories_heldout.txt`` (about 11k
+  tokens), written for this benchmark in the TinyStories style (no TinyStories text ships with
+  the data folder), so the model has never seen them. Calibration: sequences sampled from the float model itself (temperature 1,
   fixed seed) - data-free calibration, disjoint from the evaluation text.
 * **char-GPT on Tiny Shakespeare** (:mod:`jaxq.models.char_gpt`), trained here on the first 90%
-  of the text (cached under ``--cache-dir``); held-out = the last 10%; calibration = random
-  windows of the training part.
+  of the text (cached under ``--cache-dir``); held-out = the last 10% (up to 512 windows of 128
+  characters); calibration = random windows of the training part.
 
 Rows: float; W8A8 (int8 per-channel weights, dynamic per-token int8 activations) RTN vs
 SmoothQuant; W4A16 with groups of 128/64/32 RTN vs MSE clip vs GPTQ vs AWQ; W3A16 g64 RTN vs
@@ -24,9 +24,9 @@ How each row is evaluated:
 * jaxq W8A8: the model runs with ``dense_kwargs`` = :mod:`jaxq.flax.hooks` on int8 QArray
   kernels whose metadata asks for per-token int8 activations, i.e. a real int8 x int8 -> int32
   ``dot_general`` (not a simulation).
-* jaxq weight-only (W4/W3): the dequantized kernels in the float model. The models' own Dense
-  layer is a plain ``nn.Dense`` subclass whose param shape check rejects packed int4 QArrays,
-  and dequantized weights give the same products as the weight-only kernels up to float rounding.
+* jaxq weight-only (W4/W3): the model runs on the quantized tree itself (packed int4 / int3
+  QArrays): the models' Dense is :class:`jaxq.flax.linen.Dense`, which serves QArray kernels
+  through :func:`jaxq.ops.qmatmul`.
 * Qwix: its own providers (``PtqProvider``, ``AwqInferenceProvider``, ``SqInferenceProvider``)
   intercepting the same Flax model.
 
@@ -37,8 +37,12 @@ the matmuls it smoothed as int8 x int8 (check the count before comparing those r
 
 jaxq's calibrated methods run block by block (:mod:`jaxq.algorithms.sequential`, quantized
 outputs fed forward, true-sequential within a block, AWQ/SmoothQuant scales folded into the
-preceding norm or Dense). Qwix calibrates all layers in one float forward pass; its GPTQ has no
-act-order and its AWQ/SmoothQuant keep the scales as separate tensors applied at inference.
+preceding norm or Dense). jaxq's GPTQ uses act-order with static groups whose scales come from
+the MSE clip search (``Recipe.gptq_mse``, on by default); its AWQ searches plain and
+weight-aware scales, then clip ratios. Symmetric int4/int3 use the full-range grid
+(``[-8, 7]`` / ``[-4, 3]``) in both libraries; the "narrow grid" rows show jaxq with ``[-7, 7]``.
+Qwix calibrates all layers in one float forward pass; its GPTQ has no act-order and its
+AWQ/SmoothQuant keep the scales as separate tensors applied at inference.
 
 Usage::
 
@@ -70,22 +74,12 @@ from jaxq.flax import hooks  # noqa: E402
 from jaxq.models.lm_eval import kl_and_top1, token_nll  # noqa: E402
 from jaxq.spec import QuantSpec  # noqa: E402
 
-HELD_OUT_STORIES = [
-    "Once upon a time, there was a little cat named Tom. Tom liked to sit in the sun by the window. One day, a bird came to the window. The bird said, \"Hello, cat! Do you want to play?\" Tom was happy. He jumped up and ran to the door. They played in the garden all day. When the sun went down, Tom was tired. He went back to his warm bed and fell asleep.",
-    "Lily had a red ball. She loved to throw it high in the sky. One day, the ball went over the fence. Lily was sad. She went to her mom and said, \"Mom, my ball is gone!\" Her mom smiled and said, \"Let's go and ask our neighbor.\" The neighbor was a kind old man. He found the ball under a big tree and gave it back to Lily. Lily said, \"Thank you!\" and gave him a big hug.",
-    "Ben was a small boy who liked to help. One morning, his dad was making breakfast. Ben asked, \"Can I help you, Dad?\" His dad said, \"Yes, you can get the eggs.\" Ben walked to the kitchen slowly. He held the eggs with care. He did not drop any of them. His dad was proud of him. They ate eggs and toast together, and Ben felt very happy.",
-    "There was a big tree in the park. Many birds lived in the tree. One day, a strong wind came. The wind shook the tree, and a little bird fell down. A girl named Sue saw the bird. She picked it up gently and put it back in its nest. The mother bird sang a sweet song. Sue smiled and waved goodbye to the birds.",
-    "Tim and Mia went to the beach with their mom. They wanted to build a big sand castle. Tim dug the sand and Mia carried the water. The castle was tall and pretty. Then a big wave came and knocked it down. Mia started to cry. Tim said, \"Don't be sad. We can build a new one together.\" They laughed and built an even bigger castle.",
-    "Once upon a time, there was a little dog named Max. Max was very curious. He liked to smell everything. One day, he found a small box in the yard. He pushed the box with his nose. Inside the box, there was a shiny key. Max brought the key to his friend Anna. Anna opened an old door with the key, and they found a room full of toys.",
-    "Sara had a pink dress that she loved very much. She wanted to wear it to the party. But when she put it on, she saw a big hole in it. Sara felt sad. Her grandma said, \"I can fix it for you.\" Grandma took a needle and some thread. She sewed a pretty flower over the hole. Sara looked in the mirror and smiled. The dress was even better than before.",
-    "One day, a little frog sat on a green leaf in the pond. He wanted to jump to the other side. The frog was scared because the pond was big. A fish swam by and said, \"You can do it, frog!\" The frog took a deep breath and jumped. He landed on a rock on the other side. The frog was so proud. He thanked the fish and went home.",
-    "Jack found a little seed in the garden. He asked his mom, \"What is this?\" His mom said, \"It is a seed. If you plant it, it will grow.\" Jack put the seed in the dirt and gave it water every day. He waited and waited. One morning, he saw a small green plant. Jack was very excited. The plant grew into a big sunflower, and Jack loved it.",
-    "Emma and her brother Sam liked to play with their toy cars. One day, they both wanted the blue car. They pulled and pulled, and the car broke. Emma and Sam were sad. Their dad came and said, \"When you share, you both can have fun.\" He fixed the car with glue. Emma and Sam took turns with the blue car, and they had a great day.",
-    "There was a little bunny who lived in the forest. The bunny liked to eat carrots. One day, he could not find any carrots. He looked under the rocks and behind the trees. Then he met a friendly bear. The bear said, \"I know where the carrots are!\" The bear showed the bunny a field full of carrots. The bunny said thank you and shared the carrots with the bear.",
-    "Anna wanted to fly a kite. She went to the hill with her dad. The wind was strong, and the kite went up high. Anna held the string tight. Suddenly, the string slipped out of her hand. The kite flew away over the trees. Anna was sad, but her dad hugged her. The next day, they made a new kite together, and it was the best kite ever.",
-    "Once upon a time, there was a girl named Mia who was afraid of the dark. Every night, she asked her mom to leave the light on. One night, her mom gave her a small lamp shaped like a star. The lamp made soft light on the wall. Mia looked at the stars on the wall and felt safe. She closed her eyes and slept all night.",
-    "A little boy named Leo had a toy boat. He liked to play with it in the bath. One day, he took the boat to the river. He put the boat in the water, and it started to float away. Leo ran along the river. A kind lady saw the boat and caught it with a stick. She gave it back to Leo. Leo said, \"Thank you!\" and held his boat close.",
-]
+HELD_OUT_FILE = Path(__file__).resolve().parent / "tinystories_heldout.txt"
+
+
+def held_out_stories() -> list[str]:
+    """The held-out TinyStories-style text: one story per line of :data:`HELD_OUT_FILE`."""
+    return [line.strip() for line in HELD_OUT_FILE.read_text().splitlines() if line.strip()]
 
 Params = Any
 
@@ -124,7 +118,7 @@ def tinystories_setup(n_calib: int, calib_len: int, window: int) -> Setup:
     cfg, params, tok = load_tinystories()
     model = Llama(cfg)
     stream: list[int] = []
-    for story in HELD_OUT_STORIES:
+    for story in held_out_stories():
         stream += tok.encode(story).ids + [cfg.eos_token_id]  # encode prepends BOS
     n = len(stream) // window
     eval_windows = jnp.asarray(np.array(stream[: n * window], np.int32).reshape(n, window))
@@ -155,7 +149,7 @@ def chargpt_setup(n_calib: int, calib_len: int, window: int, cache_dir: Path, st
         flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
         np.savez(cache, **{"/".join(k): np.asarray(v) for k, v in flat.items()})
     held_ids = np.asarray(tok.encode(held), np.int32)
-    n = min(64, len(held_ids) // window)
+    n = min(512, len(held_ids) // window)
     eval_windows = jnp.asarray(held_ids[: n * window].reshape(n, window))
     train_ids = np.asarray(tok.encode(train), np.int32)
     starts = np.random.default_rng(0).integers(0, len(train_ids) - calib_len, n_calib)
@@ -255,7 +249,7 @@ def jaxq_rows(setup: Setup, ref: jax.Array, settings) -> list[Row]:
             logits = w8a8_fn(qparams, setup.eval_windows)
             note = f"int8xint8 dots {int8_dots(w8a8_fn, qparams, setup.eval_windows[:1])}"
         else:
-            logits = float_fn(jaxq.dequantize(qparams), setup.eval_windows)
+            logits = float_fn(qparams, setup.eval_windows)  # packed QArrays, served as such
         ppl, kl, top1 = metrics(logits, ref, setup.eval_windows)
         rows.append(Row(setting, method, "jaxq", ppl, kl, top1, tree_bytes(qparams), block_bytes(qparams), dt, note))
         print(" | ".join(rows[-1].cells()), flush=True)
@@ -325,10 +319,13 @@ def settings(groups: list[int]):
         spec = f"int4-g{g}"
         j += [(s, "RTN", Recipe("rtn", spec)), (s, "MSE clip", Recipe("mse", spec)),
               (s, "GPTQ", Recipe("gptq", spec)), (s, "AWQ", Recipe("awq", spec))]
+        if g == 128:  # what the full-range grid (jaxq's default at <= 4 bits) buys over [-7, 7]
+            narrow = QuantSpec("int4", "per_group", group_size=g, full_range=False)
+            j += [(s, "RTN, narrow grid", Recipe("rtn", narrow)), (s, "GPTQ, narrow grid", Recipe("gptq", narrow))]
         q += [(s, m, dict(weight_qtype=jnp.int4, tile_size=g)) for m in ("RTN", "GPTQ", "AWQ")]
     s = "W3A16 g64"
     j += [(s, "RTN", Recipe("rtn", "int3-g64")), (s, "GPTQ", Recipe("gptq", "int3-g64")), (s, "AWQ", Recipe("awq", "int3-g64"))]
-    asym = QuantSpec("int3", "per_group", group_size=64, symmetric=False)  # all 8 codes (symmetric uses 7)
+    asym = QuantSpec("int3", "per_group", group_size=64, symmetric=False)  # zero point instead of a symmetric grid
     j += [(s + " asym", "RTN", Recipe("rtn", asym)), (s + " asym", "GPTQ", Recipe("gptq", asym))]
     q += [(s, m, dict(weight_qtype="int3", tile_size=64)) for m in ("RTN", "GPTQ", "AWQ")]  # Qwix: synthetic int3 in int4
     return j, q
