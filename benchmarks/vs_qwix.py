@@ -7,9 +7,9 @@ output channel (Qwix's default channelwise scales for a Dense kernel; jaxq's
 ``per_channel``), biases stay float, activations stay float. The model is the
 float checkpoint shared by ``configs/mnist_*.yaml`` (trained on first use).
 
-Numerics differ in the range: Qwix maps ``max|w|`` to ``qmax + 0.5`` (7.5 for
-int4) and clips the top half-bucket; jaxq's ``absmax`` maps it to ``qmax`` (no
-clipping), and jaxq's shipped recipes (configs/mnist_int8_ptq.yaml,
+Both map ``max|w|`` to ``qmax + 0.5`` for int4 (7.5: the full-range grid
+``[-8, 7]``, jaxq's default at <= 4 bits). At int8 Qwix does the same while jaxq
+keeps the narrow grid (absmax onto 127, nothing clipped). jaxq's shipped recipes (configs/mnist_int8_ptq.yaml,
 configs/mnist_int4_ptq.yaml) use the ``mse`` search for a per-channel clip
 ratio. The recipe setting is the one compared with Qwix; ``absmax`` is shown too.
 Besides accuracy, "agree %" is the share of test images whose predicted class
