@@ -352,6 +352,9 @@ def test_sequential_gptq_and_awq_beat_rtn_on_tiny_llama():
     assert err(Recipe("gptq", spec)) < 0.6 * rtn
     assert err(Recipe("gptq", spec, gptq_mse=False)) < 0.6 * rtn
     assert err(Recipe("awq", spec)) < 0.6 * rtn
+    assert err(Recipe("awq", spec, awq_objective="block", awq_grid=5)) < 0.6 * rtn
+    with pytest.raises(ValueError, match="awq_objective"):
+        Recipe("awq", spec, awq_objective="module")
     # gptq_mse: the scales come from the MSE clip search (never above absmax, some below); without
     # it, from the absmax of the original kernel, as RTN's.
     mse, absmax = scales[Recipe("gptq", spec)], scales[Recipe("gptq", spec, gptq_mse=False)]

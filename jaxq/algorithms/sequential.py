@@ -36,7 +36,8 @@ import numpy as np
 from flax import traverse_util
 
 from jaxq.algorithms import layouts as L
-from jaxq.algorithms.awq import awq
+from jaxq.algorithms import _common as C
+from jaxq.algorithms.awq import awq, awq_scales, weight_mean
 from jaxq.algorithms.baseline import mse_clip, rtn
 from jaxq.algorithms.bias_correction import bias_correction
 from jaxq.algorithms.gptq import gptq
@@ -66,6 +67,10 @@ class Recipe:
         (BENCHMARKS.md section 8).
       awq_grid, awq_clip, awq_duo: AWQ's ``alpha`` grid size, whether to search clip ratios, and
         whether to also search the weight-aware (duo) scale form.
+      awq_objective: ``"layer"`` scores AWQ's scale candidates by the group's own Dense outputs
+        (exact, from the Hessian); ``"block"`` by the whole block's output on the calibration
+        inputs with that group's kernels rounded (the reference AWQ scores q/k/v on the
+        attention module's output), at one block forward per candidate.
       alpha: SmoothQuant migration strength.
       true_sequential: re-collect each input group's statistics after the groups before it in
         the block were quantized (GPTQ's ``--true-sequential``).
@@ -83,6 +88,7 @@ class Recipe:
     awq_grid: int = 20
     awq_clip: bool = True
     awq_duo: bool = True
+    awq_objective: str = "layer"
     alpha: float = 0.5
     true_sequential: bool = True
     bias_correction: bool = False
@@ -91,6 +97,8 @@ class Recipe:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        if self.awq_objective not in ("layer", "block"):
+            raise ValueError(f"awq_objective must be 'layer' or 'block', got {self.awq_objective!r}")
         object.__setattr__(self, "spec", as_spec(self.spec))
         act = self.act_spec
         if isinstance(act, str):  # a format name means dynamic per-token activations
@@ -215,6 +223,46 @@ def _apply_scale(bp: dict, group: L.InputGroup, s: jax.Array) -> None:
             target["bias"] = (target["bias"].astype(jnp.float32) / t).astype(target["bias"].dtype)
 
 
+def _block_awq_scale(
+    runner: _BlockRunner,
+    bp: dict,
+    h: jax.Array,
+    y_ref: jax.Array,
+    group: L.InputGroup,
+    stats: CalibStats,
+    recipe: Recipe,
+    name: str,
+) -> jax.Array:
+    """AWQ's input scale for ``group`` chosen by the block's output error (``awq_objective='block'``).
+
+    Each candidate ``s`` (plain and, with ``awq_duo``, weight-aware forms over the alpha grid) is
+    folded into a copy of the float block, the group's kernels are rounded to nearest, and the
+    candidate with the smallest mean squared block output error on ``h`` wins (``s = 1`` first,
+    so ties keep plain rounding).
+    """
+    spec = recipe.spec
+    ws = [_get(bp, p)["kernel"] for p in group.denses]
+    k = int(ws[0].shape[0])
+    tie, slots = C.check_tie(name, group.tie(k), k)
+    cat = jnp.concatenate([w.astype(jnp.float32) for w in ws], axis=1)
+    w_mean = weight_mean(cat, C.weight_layout(spec, cat.shape, name))
+    mean_abs = stats.abs_sum / jnp.maximum(stats.count, 1.0)
+    alphas = [i / recipe.awq_grid for i in range(recipe.awq_grid)]
+    cands = [(a, False) for a in alphas] + ([(a, True) for a in alphas[1:]] if recipe.awq_duo else [])
+    best_err, best_s = None, None
+    for a, duo in cands:
+        s = awq_scales(mean_abs, a, tie, slots, w_mean if duo else None)
+        trial = _copy_tree(bp)
+        _apply_scale(trial, group, s)
+        for p in group.denses:
+            d = _get(trial, p)
+            d["kernel"] = rtn(d["kernel"], spec, name=name).dequantize(d["kernel"].dtype)
+        err = float(jnp.mean(jnp.square(runner.forward(trial, h).astype(jnp.float32) - y_ref)))
+        if best_err is None or err < best_err:
+            best_err, best_s = err, s
+    return best_s
+
+
 def _copy_tree(tree: Params) -> dict:
     return traverse_util.unflatten_dict(dict(_flat(tree)))
 
@@ -239,13 +287,18 @@ def quantize_block(
     phase1: dict[str, CalibStats] = {}
     if recipe.method in ("awq", "smoothquant"):
         phase1 = runner.collect(bp, h, layout, hessian=recipe.method == "awq")
+        y_ref = None
+        if recipe.method == "awq" and recipe.awq_objective == "block":
+            y_ref = runner.forward(bp, h).astype(jnp.float32)
         for g in layout:
             if not g.can_scale or any(skipped(p) for p in g.denses):
                 continue
             ws = [_get(bp, p)["kernel"] for p in g.denses]
             name = f"{prefix}{g.name}"
             tie = g.tie(int(ws[0].shape[0]))
-            if recipe.method == "awq":
+            if y_ref is not None:
+                s = _block_awq_scale(runner, bp, h, y_ref, g, phase1[g.name], recipe, name)
+            elif recipe.method == "awq":
                 s = awq(ws, phase1[g.name], spec, n_grid=recipe.awq_grid, clip=False, tie=tie,
                         duo_scaling=recipe.awq_duo, name=name).input_scale
             else:
