@@ -68,7 +68,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import jaxq  # noqa: E402
 from jaxq.algorithms.sequential import Recipe, quantize_model  # noqa: E402
 from jaxq.flax import hooks  # noqa: E402
 from jaxq.models.lm_eval import kl_and_top1, token_nll  # noqa: E402

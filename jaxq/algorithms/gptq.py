@@ -115,7 +115,6 @@ def _gptq(
     layout = C.weight_layout(spec, w.shape, name)
     groups, g = layout.groups, layout.group_size
     grouped = groups > 1
-    fmt = spec.fmt
 
     w = w.astype(jnp.float32)
     h = xtx.astype(jnp.float32) / jnp.maximum(count, 1.0)

@@ -32,7 +32,6 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 
 from jaxq.algorithms import layouts as L

@@ -15,7 +15,6 @@ scan over batches, and merge across devices (:func:`merge_stats`). Accumulation 
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
