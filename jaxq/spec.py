@@ -63,13 +63,11 @@ class QuantSpec:
     def __post_init__(self):
         fmt = get_format(self.format)  # raises on unknown formats, with the list
         object.__setattr__(self, "format", fmt.name)
-        if self.full_range is None:
-            object.__setattr__(self, "full_range", bool(fmt.kind == "int" and self.symmetric and fmt.bits <= 4))
-        elif self.full_range and fmt.kind != "int":
+        if self.full_range and fmt.kind != "int":
             raise ValueError(f"full_range applies to int formats only, not {fmt.name!r}; leave it unset")
-        elif not self.symmetric:
-            object.__setattr__(self, "full_range", False)  # asymmetric grids use every code anyway
-        object.__setattr__(self, "full_range", bool(self.full_range))
+        full = (fmt.kind == "int" and fmt.bits <= 4) if self.full_range is None else self.full_range
+        # Stored False for asymmetric grids: they use every code anyway.
+        object.__setattr__(self, "full_range", bool(full and self.symmetric))
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
         if self.granularity == "per_group":

@@ -46,6 +46,37 @@ def check_weight(name: str, w: Any, ndim: int = 2) -> None:
         raise ValueError(f"weight for {name or 'layer'} must be floating point, got {w.dtype}")
 
 
+def check_kernels(w: Any, method: str, name: str) -> tuple[list[Any], bool, int]:
+    """Validates one kernel ``[K, N]`` or a sequence of kernels sharing the input dimension.
+
+    Returns ``(kernels, many, K)``; ``many`` says whether a sequence was passed.
+    """
+    many = not hasattr(w, "ndim")
+    ws = list(w) if many else [w]
+    if not ws:
+        raise ValueError(f"{method} needs at least one kernel")
+    for i, wi in enumerate(ws):
+        check_weight(f"{name}[{i}]" if many else name, wi)
+    k = int(ws[0].shape[0])
+    if any(int(wi.shape[0]) != k for wi in ws):
+        raise ValueError(
+            f"kernels passed together to {method} for {name or 'layer'} must share the input dimension; "
+            f"got shapes {[tuple(x.shape) for x in ws]}"
+        )
+    return ws, many, k
+
+
+def concat_kernels(ws: Sequence[Any]) -> tuple[Any, list[tuple[int, int, Any]]]:
+    """Kernels side by side as one ``[K, sum N_i]`` float32 matrix, and the column splits
+    ``(start, size, dtype)`` that :func:`split_to_qarrays` takes to cut the result apart."""
+    splits, start = [], 0
+    for wi in ws:
+        splits.append((start, int(wi.shape[1]), np.dtype(wi.dtype)))
+        start += int(wi.shape[1])
+    cat = jnp.concatenate([wi.astype(jnp.float32) for wi in ws], axis=1) if len(ws) > 1 else ws[0]
+    return cat, splits
+
+
 class Layout(NamedTuple):
     """How a spec tiles a ``[K, N]`` kernel: ``G`` groups of ``g`` rows; scale stored as ``[G|1, N|1]``."""
 

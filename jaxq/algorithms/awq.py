@@ -229,19 +229,7 @@ def awq(
       ``input_scale`` (or fold ``1/s`` into the previous op) before using it.
     """
     spec = as_spec(spec)
-    many = not hasattr(w, "ndim")
-    ws = list(w) if many else [w]
-    if not ws:
-        raise ValueError("awq needs at least one kernel")
-    for i, wi in enumerate(ws):
-        C.check_weight(f"{name}[{i}]" if many else name, wi)
-    k = int(ws[0].shape[0])
-    for wi in ws:
-        if int(wi.shape[0]) != k:
-            raise ValueError(
-                f"kernels passed together to awq for {name or 'layer'} must share the input dimension; "
-                f"got shapes {[tuple(x.shape) for x in ws]}"
-            )
+    ws, many, k = C.check_kernels(w, "awq", name)
     stats = as_stats(calib, k, name, hessian=True)
     tie_arr, slots = C.check_tie(name, tie, k)
     rows = None
@@ -256,11 +244,7 @@ def awq(
     C.weight_layout(spec, (k, sum(int(wi.shape[1]) for wi in ws)), name)
     if not 0.0 <= max_shrink < 1.0:
         raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink}")
-    splits, start = [], 0
-    for wi in ws:
-        splits.append((start, int(wi.shape[1]), np.dtype(wi.dtype)))
-        start += int(wi.shape[1])
-    cat = jnp.concatenate([wi.astype(jnp.float32) for wi in ws], axis=1) if many else ws[0]
+    cat, splits = C.concat_kernels(ws)
     wq, scale, zp, s, alpha, loss, rtn_loss, duo = _awq(
         cat,
         stats.xtx,

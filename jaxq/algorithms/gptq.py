@@ -36,7 +36,6 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxq.algorithms import _common as C
 from jaxq.algorithms.stats import CalibStats, as_stats
@@ -259,18 +258,7 @@ def gptq(
       a sequence of kernels) and the loss (summed over kernels).
     """
     spec = as_spec(spec)
-    many = not hasattr(w, "ndim")
-    ws = list(w) if many else [w]
-    if not ws:
-        raise ValueError("gptq needs at least one kernel")
-    for i, wi in enumerate(ws):
-        C.check_weight(f"{name}[{i}]" if many else name, wi)
-    k = int(ws[0].shape[0])
-    if any(int(wi.shape[0]) != k for wi in ws):
-        raise ValueError(
-            f"kernels passed together to gptq for {name or 'layer'} must share the input dimension; "
-            f"got shapes {[tuple(x.shape) for x in ws]}"
-        )
+    ws, many, k = C.check_kernels(w, "gptq", name)
     stats = as_stats(calib, k, name, hessian=True)
     if spec.fmt.kind in ("cast", "none"):
         qs = tuple(quantize_array(wi, spec, where=name) for wi in ws)
@@ -297,11 +285,7 @@ def gptq(
         res = [gptq(wi, stats, spec, block_size=block_size, percdamp=percdamp, act_order=act_order,
                     static_groups=static_groups, name=name) for wi in ws]
         return GPTQResult(tuple(r.q for r in res), sum(r.loss for r in res))
-    splits, start = [], 0
-    for wi in ws:
-        splits.append((start, int(wi.shape[1]), np.dtype(wi.dtype)))
-        start += int(wi.shape[1])
-    cat = jnp.concatenate([wi.astype(jnp.float32) for wi in ws], axis=1) if many else ws[0]
+    cat, splits = C.concat_kernels(ws)
     qw, scales, zps, loss = _gptq(cat, stats.xtx, stats.count, **opts)
     qs = C.split_to_qarrays(qw, scales, zps, spec, splits)
     return GPTQResult(qs if many else qs[0], loss)

@@ -243,7 +243,7 @@ def _block_awq_scale(
     ws = [_get(bp, p)["kernel"] for p in group.denses]
     k = int(ws[0].shape[0])
     tie, slots = C.check_tie(name, group.tie(k), k)
-    cat = jnp.concatenate([w.astype(jnp.float32) for w in ws], axis=1)
+    cat, _ = C.concat_kernels(ws)
     w_mean = weight_mean(cat, C.weight_layout(spec, cat.shape, name))
     mean_abs = stats.abs_sum / jnp.maximum(stats.count, 1.0)
     alphas = [i / recipe.awq_grid for i in range(recipe.awq_grid)]
@@ -311,6 +311,7 @@ def quantize_block(
     stats_all: dict[str, CalibStats] = {}
     if recipe.needs_stats and not recipe.true_sequential:
         stats_all = phase1 if recipe.method == "smoothquant" else runner.collect(bp, h, layout, recipe.needs_hessian)
+    gspec = spec.replace(range_method="mse") if recipe.gptq_mse and spec.fmt.has_scale else spec
     for g in layout:
         live = [p for p in g.denses if not skipped(p)]
         if not live:
@@ -324,7 +325,6 @@ def quantize_block(
         kernels = [_get(bp, p)["kernel"] for p in live]
         joint: list[Any] | None = None  # GPTQ/AWQ quantize a group's kernels as one matrix
         if recipe.method == "gptq":
-            gspec = spec.replace(range_method="mse") if recipe.gptq_mse and spec.fmt.has_scale else spec
             r = gptq(kernels, st, gspec, block_size=recipe.block_size, percdamp=recipe.percdamp,
                      act_order=recipe.act_order, name=gname)
             joint, losses[gname] = list(r.q), float(r.loss)

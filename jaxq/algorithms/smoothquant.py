@@ -97,18 +97,7 @@ def smoothquant(
     spec = as_spec(spec)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
-    many = not hasattr(w, "ndim")
-    ws = list(w) if many else [w]
-    if not ws:
-        raise ValueError("smoothquant needs at least one kernel")
-    for i, wi in enumerate(ws):
-        C.check_weight(f"{name}[{i}]" if many else name, wi)
-    k = int(ws[0].shape[0])
-    if any(int(wi.shape[0]) != k for wi in ws):
-        raise ValueError(
-            f"kernels smoothed together for {name or 'layer'} must share the input dimension; "
-            f"got shapes {[tuple(x.shape) for x in ws]}"
-        )
+    ws, many, k = C.check_kernels(w, "smoothquant", name)
     stats = as_stats(calib, k, name, hessian=False)
     for wi in ws:
         spec.tiling(wi.shape, where=name)  # validate here: the jitted core has no per-layer name
