@@ -157,6 +157,59 @@ def test_gptq_per_channel_int3_beats_rtn_and_jits():
     assert out_err(q) < 0.8 * out_err(A.rtn(W, INT3_CH))
 
 
+
+def test_one_compiled_core_serves_every_int_bit_width():
+    """The int code range is data (``Grid``): int3 after int4 on the same shapes compiles nothing
+    new, and still gives int3 results (codes within [-4, 3], as the reference port)."""
+    import importlib
+
+    gptq_mod, awq_mod = (importlib.import_module(f"jaxq.algorithms.{m}") for m in ("gptq", "awq"))
+
+    w = W[:, :48]  # a shape no other test uses, so the cache deltas are this test's own
+    g4, g3 = QuantSpec("int4", "per_group", group_size=32), QuantSpec("int3", "per_group", group_size=32)
+    n_gptq, n_awq = gptq_mod._gptq._cache_size(), awq_mod._awq._cache_size()
+    q4 = A.gptq(w, STATS, g4).q
+    a4 = A.awq(w, STATS, g4)
+    assert gptq_mod._gptq._cache_size() == n_gptq + 1 and awq_mod._awq._cache_size() == n_awq + 1
+    q3 = A.gptq(w, STATS, g3).q
+    a3 = A.awq(w, STATS, g3)
+    assert gptq_mod._gptq._cache_size() == n_gptq + 1 and awq_mod._awq._cache_size() == n_awq + 1
+    assert q4.format == "int4" and q3.format == "int3" and a3.q.format == "int3"
+    codes = np.asarray(q3.codes)
+    assert codes.min() == -4 and codes.max() == 3  # the full-range int3 grid, every code used
+    ref = gptq_reference(w, STATS.hessian, g3, 32, act_order=True)
+    got = np.asarray(q3.dequantize(jnp.float32))
+    assert np.mean(~np.isclose(got, ref, rtol=1e-4, atol=1e-6)) < 0.03
+
+    def err(q, s=1.0):  # this layer's output error
+        wq = q.dequantize(jnp.float32) / jnp.reshape(s, (-1, 1))
+        return float(jnp.mean((X @ wq - X @ w) ** 2))
+
+    assert err(a3.q, a3.input_scale) < err(A.rtn(w, g3)) and err(q3) < err(A.rtn(w, g3))
+    assert err(q3) > err(q4)  # int3 really is coarser than int4 through the shared executable
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric,full_range", [(True, True), (True, False), (False, False)])
+def test_grid_int_codes_match_the_format(bits, symmetric, full_range):
+    from jaxq.algorithms.grid import Grid
+    from jaxq.numerics import codec
+
+    spec = QuantSpec(f"int{bits}", "per_channel", symmetric=symmetric, full_range=full_range)
+    grid = Grid.of(spec)
+    leaves, treedef = jax.tree.flatten(grid)
+    assert len(leaves) == 1  # the code range is the only data
+    codes = jax.jit(lambda g: g.fmt.int_range(g.symmetric, g.full_range) + (g.fmt.symmetric_bound(g.full_range),))(grid)
+    fmt = spec.fmt
+    assert [float(c) for c in codes] == [*map(float, fmt.int_range(symmetric, spec.full_range)), fmt.symmetric_bound(spec.full_range)]
+    x = W.reshape(1, K, N)
+    lo, hi = jnp.min(x, 1, keepdims=True), jnp.max(x, 1, keepdims=True)
+    np.testing.assert_array_equal(
+        jax.jit(lambda g: codec.fake_quantize(x, lo, hi, g.fmt, g.symmetric, g.full_range))(grid),
+        codec.fake_quantize(x, lo, hi, fmt, symmetric, spec.full_range),
+    )
+
+
 # --- AWQ ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", [G32, QuantSpec("int3", "per_channel", symmetric=False)], ids=["int4g32", "int3-asym"])
 def test_awq_beats_rtn(spec):
@@ -361,6 +414,25 @@ def test_sequential_gptq_and_awq_beat_rtn_on_tiny_llama():
     np.testing.assert_allclose(absmax, scales[Recipe("rtn", spec)], rtol=1e-6)
     assert bool(jnp.all(mse <= absmax * (1 + 1e-6))) and bool(jnp.any(mse < 0.99 * absmax))
 
+
+
+def test_rtn_recipes_skip_the_calibration_forwards():
+    """RTN never looks at activations: without propagation no block runs, and the result is the same."""
+    from jaxq.algorithms.sequential import Recipe, quantize_blocks
+    from jaxq.models import blocks
+
+    model, params, tokens = _tiny_llama()
+    h = blocks.embed(model, params, tokens)
+    get = lambda i: blocks.block_params(params, i)  # noqa: E731
+    recipe = Recipe("rtn", "int4-g32")
+    lazy, h_none, _ = quantize_blocks(model, h, get, recipe, propagate=False)
+    full, h_out, _ = quantize_blocks(model, h, get, recipe)
+    assert h_none is None and h_out.shape == h.shape and bool(jnp.all(jnp.isfinite(h_out)))
+    for a, b in zip(jax.tree.leaves(lazy), jax.tree.leaves(full)):
+        np.testing.assert_array_equal(a, b)
+    # Recipes with statistics propagate regardless (each block calibrates on the previous output).
+    _, h_gptq, _ = quantize_blocks(model, h, get, Recipe("gptq", "int4-g32"), propagate=False)
+    assert h_gptq is not None
 
 def test_gptq_joint_kernels_equal_separate_ones():
     w1, w2 = W[:, :32], W[:, 32:]

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxq.algorithms.grid import Grid
 from jaxq.numerics import codec, ranges
 from jaxq.qarray import QArray
 from jaxq.spec import QuantSpec, as_spec
@@ -115,39 +116,43 @@ def stored_scale(scale_g: jax.Array) -> jax.Array:
 
 
 def group_range(
-    wg: jax.Array, spec: QuantSpec, per_tensor: bool, ratio: jax.Array | float = 1.0
+    wg: jax.Array, grid: Grid, per_tensor: bool, ratio: jax.Array | float = 1.0
 ) -> tuple[jax.Array, jax.Array | None]:
-    """Scale and zero point for ``wg [G, g, N]`` by ``spec.range_method``, clip-scaled by ``ratio``.
+    """Scale and zero point for ``wg [G, g, N]`` by ``grid.range_method``, clip-scaled by ``ratio``.
 
     Returns keep-dims ``[G, 1, N]`` (``[1, 1, 1]`` per tensor) arrays.
     """
     axes = (0, 1, 2) if per_tensor else (1,)
-    lo, hi = ranges.select_range(wg, axes, spec.range_method, spec.fmt, spec.symmetric, spec.percentile, spec.full_range)
-    return codec.scale_and_zero_point(lo * ratio, hi * ratio, spec.fmt, spec.symmetric, spec.full_range)
+    lo, hi = ranges.select_range(wg, axes, grid.range_method, grid.fmt, grid.symmetric, grid.percentile, grid.full_range)
+    return grid_scale(lo * ratio, hi * ratio, grid)
 
 
-def base_range(wg: jax.Array, spec: QuantSpec, per_tensor: bool) -> tuple[jax.Array, jax.Array]:
+def grid_scale(lo: jax.Array, hi: jax.Array, grid: Grid) -> tuple[jax.Array, jax.Array | None]:
+    """Scale and zero point that map the range ``[lo, hi]`` onto ``grid``'s codes."""
+    return codec.scale_and_zero_point(lo, hi, grid.fmt, grid.symmetric, grid.full_range)
+
+
+def base_range(wg: jax.Array, grid: Grid, per_tensor: bool) -> tuple[jax.Array, jax.Array]:
     """Full (unclipped) range ``[lo, hi]`` of each group: absmax if symmetric, else min/max."""
     axes = (0, 1, 2) if per_tensor else (1,)
-    if spec.symmetric:
+    if grid.symmetric:
         return ranges.absmax(wg, axes)
     return ranges.minmax(wg, axes)
 
 
 def fake_quant_grouped(
-    wg: jax.Array, scale: jax.Array, zp: jax.Array | None, spec: QuantSpec
+    wg: jax.Array, scale: jax.Array, zp: jax.Array | None, grid: Grid
 ) -> jax.Array:
     """``decode(encode(wg))`` with broadcastable ``scale``/``zp`` (float32)."""
-    fmt = spec.fmt
-    return codec.decode(codec.encode(wg, scale, zp, fmt, spec.symmetric, spec.full_range), scale, zp, fmt)
+    fmt = grid.fmt
+    return codec.decode(codec.encode(wg, scale, zp, fmt, grid.symmetric, grid.full_range), scale, zp, fmt)
 
 
-def rtn_fake_quant(w: jax.Array, spec: QuantSpec) -> jax.Array:
-    """Round-to-nearest fake quantization of a ``[K, N]`` kernel with ``spec`` (float32)."""
-    layout = weight_layout(spec, w.shape)
+def rtn_fake_quant(w: jax.Array, grid: Grid, layout: Layout) -> jax.Array:
+    """Round-to-nearest fake quantization of a ``[K, N]`` kernel tiled by ``layout`` (float32)."""
     wg = w.astype(jnp.float32).reshape(layout.groups, layout.group_size, -1)
-    scale, zp = group_range(wg, spec, layout.per_tensor)
-    return fake_quant_grouped(wg, scale, zp, spec).reshape(w.shape)
+    scale, zp = group_range(wg, grid, layout.per_tensor)
+    return fake_quant_grouped(wg, scale, zp, grid).reshape(w.shape)
 
 
 def to_qarray(w_q: jax.Array, scale_g: jax.Array, zp_g: jax.Array | None, spec: QuantSpec, dtype: Any, name: str = ""):

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxq.algorithms import _common as C
+from jaxq.algorithms.grid import Grid
 from jaxq.algorithms.stats import CalibStats, as_stats
 from jaxq.qarray import QArray, quantize_array
 from jaxq.spec import QuantSpec, as_spec
@@ -94,17 +95,17 @@ def awq_scales(
 
 
 def _clip_search(
-    w: jax.Array, h: jax.Array, spec: QuantSpec, layout: C.Layout, n_grid: int, max_shrink: float
+    w: jax.Array, h: jax.Array, grid: Grid, layout: C.Layout, n_grid: int, max_shrink: float
 ) -> tuple[jax.Array, jax.Array | None]:
     """Per-scale-group clip ratio minimising ``d^T H_gg d``; returns keep-dims scale and zero point."""
     n = w.shape[1]
     wg = w.reshape(layout.groups, layout.group_size, n)
     hb = C.block_diag(h, layout.groups, layout.group_size)  # [G, g, g]
-    lo0, hi0 = C.base_range(wg, spec, layout.per_tensor)
+    lo0, hi0 = C.base_range(wg, grid, layout.per_tensor)
 
     def err(r):
-        s, z = spec_scale(lo0 * r, hi0 * r, spec)
-        d = wg - C.fake_quant_grouped(wg, s, z, spec)
+        s, z = C.grid_scale(lo0 * r, hi0 * r, grid)
+        d = wg - C.fake_quant_grouped(wg, s, z, grid)
         e = jnp.einsum("gin,gij,gjn->gn", d, hb, d, precision=jax.lax.Precision.HIGHEST)[:, None, :]
         return jnp.sum(e, keepdims=True) if layout.per_tensor else e
 
@@ -118,13 +119,7 @@ def _clip_search(
 
     e1 = err(1.0)
     _, best = jax.lax.fori_loop(1, n_grid, body, (e1, jnp.ones_like(e1)))
-    return spec_scale(lo0 * best, hi0 * best, spec)
-
-
-def spec_scale(lo: jax.Array, hi: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
-    from jaxq.numerics import codec
-
-    return codec.scale_and_zero_point(lo, hi, spec.fmt, spec.symmetric, spec.full_range)
+    return C.grid_scale(lo0 * best, hi0 * best, grid)
 
 
 def weight_mean(w: jax.Array, layout: C.Layout) -> jax.Array:
@@ -134,12 +129,11 @@ def weight_mean(w: jax.Array, layout: C.Layout) -> jax.Array:
     return jnp.mean(a, axis=2).reshape(-1)
 
 
-@partial(jax.jit, static_argnames=("spec", "n_grid", "clip_grid", "max_shrink", "clip", "name", "slots", "duo"))
+@partial(jax.jit, static_argnames=("layout", "n_grid", "clip_grid", "max_shrink", "clip", "slots", "duo"))
 def _awq(
-    w, xtx, abs_sum, count, x, tie, *, spec: QuantSpec, n_grid: int, clip_grid: int, max_shrink: float, clip: bool,
-    name: str, slots: int, duo: bool,
+    w, xtx, abs_sum, count, x, tie, grid: Grid, *, layout: C.Layout, n_grid: int, clip_grid: int, max_shrink: float,
+    clip: bool, slots: int, duo: bool,
 ):
-    layout = C.weight_layout(spec, w.shape, name)
     w = w.astype(jnp.float32)
     n = jnp.maximum(count, 1.0)
     h = xtx.astype(jnp.float32) / n
@@ -160,11 +154,11 @@ def _awq(
     def loss_for(cand):
         alpha, use_w = cand
         s = scales_for(alpha, use_w)
-        wq = C.rtn_fake_quant(w * s[:, None], spec) / s[:, None]
+        wq = C.rtn_fake_quant(w * s[:, None], grid, layout) / s[:, None]
         return out_err(w - wq)
 
-    grid = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
-    alphas = jnp.concatenate([grid, grid]) if duo else grid
+    alpha_grid = jnp.arange(n_grid, dtype=jnp.float32) / n_grid
+    alphas = jnp.concatenate([alpha_grid, alpha_grid]) if duo else alpha_grid
     use_ws = jnp.arange(alphas.shape[0]) >= n_grid
     losses = jax.lax.map(loss_for, (alphas, use_ws))
     best = jnp.argmin(losses)  # alpha = 0 of the plain form first: ties keep plain RTN
@@ -174,16 +168,16 @@ def _awq(
     wsg = ws.reshape(layout.groups, layout.group_size, -1)
 
     def finish(scale, zp):
-        wq = C.fake_quant_grouped(wsg, scale, zp, spec).reshape(w.shape)
+        wq = C.fake_quant_grouped(wsg, scale, zp, grid).reshape(w.shape)
         return wq, out_err(w - wq / s[:, None])
 
-    scale, zp = C.group_range(wsg, spec, layout.per_tensor)
+    scale, zp = C.group_range(wsg, grid, layout.per_tensor)
     wq, loss = finish(scale, zp)
     if clip:
         # The clip search sees the scaled weight and H in the scaled input basis: (x/s) H (x/s).
         # It scores groups independently (block-diagonal H), so keep it only if the full loss agrees.
         hs = h / (s[:, None] * s[None, :])
-        c_scale, c_zp = _clip_search(ws, hs, spec, layout, clip_grid, max_shrink)
+        c_scale, c_zp = _clip_search(ws, hs, grid, layout, clip_grid, max_shrink)
         c_wq, c_loss = finish(c_scale, c_zp)
         better = c_loss < loss
         scale = jnp.where(better, c_scale, scale)
@@ -241,10 +235,10 @@ def awq(
         one = jnp.ones((k,), jnp.float32)
         z = jnp.zeros((), jnp.float32)
         return AWQResult(qs if many else qs[0], one, z, z, z, False)
-    C.weight_layout(spec, (k, sum(int(wi.shape[1]) for wi in ws)), name)
+    cat, splits = C.concat_kernels(ws)
+    layout = C.weight_layout(spec, cat.shape, name)
     if not 0.0 <= max_shrink < 1.0:
         raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink}")
-    cat, splits = C.concat_kernels(ws)
     wq, scale, zp, s, alpha, loss, rtn_loss, duo = _awq(
         cat,
         stats.xtx,
@@ -252,12 +246,12 @@ def awq(
         stats.count,
         rows,
         tie_arr,
-        spec=spec,
+        Grid.of(spec),
+        layout=layout,
         n_grid=int(n_grid),
         clip_grid=int(clip_grid),
         max_shrink=float(max_shrink),
         clip=bool(clip),
-        name="",  # validated above; a per-layer static name would recompile for every layer
         slots=slots,
         duo=bool(duo_scaling) and int(n_grid) > 1,
     )

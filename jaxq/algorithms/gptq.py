@@ -25,7 +25,9 @@ sequential updates need no re-inversion. Implementation details follow the refer
   contiguous range of input rows, which is what a :class:`~jaxq.QArray` can store.
 
 Everything runs in float32 under ``jax.lax`` loops and jits; the spec (any scaled format:
-int8/int4/int3, nf4, fp8; per-tensor/-channel/-group; symmetric or not) is static.
+int8/int4/int3, nf4, fp8; per-tensor/-channel/-group; symmetric or not) enters as a static
+layout plus a :class:`~jaxq.algorithms.grid.Grid` whose int code range is data, so one
+compilation per kernel shape serves every int bit width.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxq.algorithms import _common as C
+from jaxq.algorithms.grid import Grid
 from jaxq.algorithms.stats import CalibStats, as_stats
 from jaxq.qarray import QArray, quantize_array
 from jaxq.spec import QuantSpec, as_spec
@@ -97,21 +100,20 @@ def _block_size(block_size: int, layout: C.Layout) -> int:
     return math.gcd(block_size, g)
 
 
-@partial(jax.jit, static_argnames=("spec", "block_size", "act_order", "static_groups", "name"))
+@partial(jax.jit, static_argnames=("layout", "block_size", "act_order", "static_groups"))
 def _gptq(
     w: jax.Array,
     xtx: jax.Array,
     count: jax.Array,
+    grid: Grid,
     *,
-    spec: QuantSpec,
+    layout: C.Layout,
     block_size: int,
     percdamp: float,
     act_order: bool,
     static_groups: bool,
-    name: str,
 ):
     k, n = w.shape
-    layout = C.weight_layout(spec, w.shape, name)
     groups, g = layout.groups, layout.group_size
     grouped = groups > 1
 
@@ -124,12 +126,12 @@ def _gptq(
 
     # Scales fixed up front: per-tensor, per-channel, and static groups (original row order).
     if not grouped or static_groups:
-        scale0, zp0 = C.group_range(w.reshape(groups, g, n), spec, layout.per_tensor)
+        scale0, zp0 = C.group_range(w.reshape(groups, g, n), grid, layout.per_tensor)
         scale0 = jnp.broadcast_to(scale0, (groups, 1, n))
         zp0 = None if zp0 is None else jnp.broadcast_to(zp0, (groups, 1, n))
     else:
         scale0 = jnp.ones((groups, 1, n), jnp.float32)
-        zp0 = None if spec.symmetric else jnp.zeros((groups, 1, n), jnp.float32)
+        zp0 = None if grid.symmetric else jnp.zeros((groups, 1, n), jnp.float32)
 
     if act_order:
         perm = jnp.argsort(-jnp.diag(h), stable=True)
@@ -150,11 +152,11 @@ def _gptq(
     rows = jnp.arange(kp)
 
     def find_params(wrows):
-        s, z = C.group_range(wrows[None], spec, layout.per_tensor)
+        s, z = C.group_range(wrows[None], grid, layout.per_tensor)
         return s[0], (None if z is None else z[0])
 
     def quant_row(wrow, s, z):
-        return C.fake_quant_grouped(wrow[None], s, z, spec)[0]
+        return C.fake_quant_grouped(wrow[None], s, z, grid)[0]
 
     def block_body(b, carry):
         w, qw, loss, scales, zps = carry
@@ -274,18 +276,17 @@ def gptq(
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     opts = dict(
-        spec=spec,
         block_size=int(block_size),
         percdamp=float(percdamp),
         act_order=bool(act_order),
         static_groups=bool(static_groups),
-        name="",  # validated above; a per-layer static name would recompile for every layer
     )
     if many and layouts[0].per_tensor:  # one scale per kernel: cannot share a joint matrix
         res = [gptq(wi, stats, spec, block_size=block_size, percdamp=percdamp, act_order=act_order,
                     static_groups=static_groups, name=name) for wi in ws]
         return GPTQResult(tuple(r.q for r in res), sum(r.loss for r in res))
     cat, splits = C.concat_kernels(ws)
-    qw, scales, zps, loss = _gptq(cat, stats.xtx, stats.count, **opts)
+    layout = C.weight_layout(spec, cat.shape, name)
+    qw, scales, zps, loss = _gptq(cat, stats.xtx, stats.count, Grid.of(spec), layout=layout, **opts)
     qs = C.split_to_qarrays(qw, scales, zps, spec, splits)
     return GPTQResult(qs if many else qs[0], loss)

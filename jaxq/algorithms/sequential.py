@@ -262,6 +262,11 @@ def _block_awq_scale(
     return best_s
 
 
+# One compiled decode per kernel shape and format, instead of one per primitive (the int3 and int4
+# unpacking is a dozen shifts, slices and casts when run op by op).
+_dequantize = jax.jit(QArray.dequantize, static_argnums=1)
+
+
 def _copy_tree(tree: Params) -> dict:
     return traverse_util.unflatten_dict(dict(_flat(tree)))
 
@@ -273,8 +278,13 @@ def quantize_block(
     layout: Sequence[L.InputGroup],
     recipe: Recipe,
     prefix: str = "",
+    forward: bool = True,
 ) -> tuple[dict, dict, dict[str, float]]:
-    """Quantizes one block; returns ``(quantized params, dequantized params for the forward, losses)``."""
+    """Quantizes one block; returns ``(quantized params, dequantized params for the forward, losses)``.
+
+    With ``forward=False`` (a recipe without statistics whose output nobody runs) the second
+    tree keeps the float kernels and nothing is dequantized.
+    """
     spec = recipe.spec
     bp = _copy_tree(bp)
     losses: dict[str, float] = {}
@@ -344,7 +354,9 @@ def quantize_block(
             if recipe.act_spec is not None and isinstance(q, QArray):
                 q = QArray(q.values, q.scale, q.zero_point, dataclasses.replace(q.meta, act_spec=recipe.act_spec))
             _get(qbp, p)["kernel"] = q
-            deq = q.dequantize(w.dtype) if isinstance(q, QArray) else q
+            if not (forward or recipe.needs_stats):
+                continue
+            deq = _dequantize(q, w.dtype) if isinstance(q, QArray) else q
             _get(fwd, p)["kernel"] = deq
             if recipe.bias_correction and "bias" in d and st is not None:
                 b = bias_correction(w, deq, st, d["bias"], name=name)
@@ -364,7 +376,8 @@ def quantize_blocks(
     layout: Sequence[L.InputGroup] | None = None,
     on_block: Callable[[int, Params], Any] | None = None,
     progress: bool = False,
-) -> tuple[list[Any], jax.Array, list[BlockReport]]:
+    propagate: bool = True,
+) -> tuple[list[Any], jax.Array | None, list[BlockReport]]:
     """Quantizes a model's blocks one after another, feeding quantized outputs forward.
 
     Args:
@@ -378,11 +391,15 @@ def quantize_blocks(
       on_block: called as ``on_block(i, quantized_block_params)``; its return value is stored
         in the result list instead of the params (e.g. return ``None`` to keep nothing).
       progress: print one line per block.
+      propagate: run each quantized block on the calibration activations. Recipes that collect
+        statistics always do; for RTN and MSE clip (which never look at activations)
+        ``propagate=False`` skips every forward, and ``h_out`` is ``None``.
 
     Returns:
       ``(results, h_out, reports)``: per-block quantized params (or ``on_block``'s values), the
       last block's output on the calibration data, and per-block :class:`BlockReport`.
     """
+    propagate = propagate or recipe.needs_stats
     n = model.num_blocks() if num_blocks is None else num_blocks
     get = blocks if callable(blocks) else (lambda i: blocks[i])
     runner = _runner(model, recipe.act_spec, batch_size)
@@ -393,16 +410,19 @@ def quantize_blocks(
         lay = layout
         if lay is None:
             lay = L.block_layout(model, runner.dense_paths(bp, h))
-        qbp, fwd, losses = quantize_block(runner, bp, h, lay, recipe, prefix=f"layers_{i}/")
-        h = runner.forward(fwd, h)
-        h.block_until_ready()
+        qbp, fwd, losses = quantize_block(runner, bp, h, lay, recipe, prefix=f"layers_{i}/", forward=propagate)
+        if propagate:
+            h = runner.forward(fwd, h)
+            h.block_until_ready()
         del bp, fwd
         results.append(on_block(i, qbp) if on_block is not None else qbp)
+        if not propagate:
+            jax.block_until_ready(qbp)  # so that the block's seconds are its own
         dt = time.perf_counter() - t0
         reports.append(BlockReport(i, dt, losses))
         if progress:
             print(f"  block {i}: {dt:.2f} s", flush=True)
-    return results, h, reports
+    return results, (h if propagate else None), reports
 
 
 def quantize_model(
@@ -418,13 +438,15 @@ def quantize_model(
 
     Returns the parameter tree with each block's Dense kernels replaced by QArrays (and norms,
     biases and neighbouring kernels changed where AWQ/SmoothQuant folded scales or bias
-    correction applied). Embeddings and the LM head stay float.
+    correction applied). Embeddings and the LM head stay float. Recipes without statistics
+    (RTN, MSE clip) never run the model: ``tokens`` only fix the shapes.
     """
     from jaxq.models import blocks as B
 
     h = B.embed(model, params, tokens)
     qblocks, _, reports = quantize_blocks(
-        model, h, lambda i: B.block_params(params, i), recipe, batch_size=batch_size, progress=progress
+        model, h, lambda i: B.block_params(params, i), recipe, batch_size=batch_size, progress=progress,
+        propagate=False,
     )
     out = dict(flax.core.unfreeze(params)) if not isinstance(params, dict) else dict(params)
     for i, qb in enumerate(qblocks):
