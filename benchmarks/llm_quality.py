@@ -38,8 +38,9 @@ the matmuls it smoothed as int8 x int8 (check the count before comparing those r
 jaxq's calibrated methods run block by block (:mod:`jaxq.algorithms.sequential`, quantized
 outputs fed forward, true-sequential within a block, AWQ/SmoothQuant scales folded into the
 preceding norm or Dense). jaxq's GPTQ uses act-order with static groups whose scales come from
-the MSE clip search (``Recipe.gptq_mse``, on by default); its AWQ searches plain and
-weight-aware scales, then clip ratios. Symmetric int4/int3 use the full-range grid
+the MSE clip search (``Recipe.gptq_mse``) and fits the float model's layer outputs
+(``Recipe.gptq_float_target``), both on by default; its AWQ searches plain and weight-aware
+scales, then clip ratios. Symmetric int4/int3 use the full-range grid
 (``[-8, 7]`` / ``[-4, 3]``) in both libraries; the "narrow grid" rows show jaxq with ``[-7, 7]``.
 Qwix calibrates all layers in one float forward pass; its GPTQ has no act-order and its
 AWQ/SmoothQuant keep the scales as separate tensors applied at inference.

@@ -8,13 +8,14 @@ channel, or per group of input rows (int8/int4/int3, nf4, fp8; symmetric or asym
   (``X^T X``, ``E[x]``, ``E|x|``, ``max|x|``, count);
 * :func:`gptq` - Hessian-based error compensation (act_order, lazy blocks, damping, groups);
 * :func:`awq` - activation-aware input scaling and clip search (returns the scale to fold);
+  :func:`awq_scale` runs the scale search alone;
 * :func:`smoothquant` - outlier migration for W8A8 (returns the activation divisor);
 * :func:`bias_correction` - moves the mean output error into the bias (Dense and Conv);
 * :func:`rtn`, :func:`mse_clip` - data-free baselines;
 * :mod:`~jaxq.algorithms.sequential` - block-by-block calibration of whole transformers.
 """
 
-from jaxq.algorithms.awq import AWQResult, awq, awq_scales
+from jaxq.algorithms.awq import AWQResult, AWQScale, awq, awq_scale, awq_scales
 from jaxq.algorithms.baseline import mse_clip, rtn
 from jaxq.algorithms.bias_correction import bias_correction
 from jaxq.algorithms.gptq import GPTQResult, gptq, inverse_cholesky
@@ -23,12 +24,14 @@ from jaxq.algorithms.stats import CalibStats, as_stats, compute_stats, init_stat
 
 __all__ = [
     "AWQResult",
+    "AWQScale",
     "CalibStats",
     "GPTQResult",
     "PER_TOKEN_INT8",
     "SmoothQuantResult",
     "as_stats",
     "awq",
+    "awq_scale",
     "awq_scales",
     "bias_correction",
     "compute_stats",

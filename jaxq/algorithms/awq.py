@@ -129,23 +129,28 @@ def weight_mean(w: jax.Array, layout: C.Layout) -> jax.Array:
     return jnp.mean(a, axis=2).reshape(-1)
 
 
-@partial(jax.jit, static_argnames=("layout", "n_grid", "clip_grid", "max_shrink", "clip", "slots", "duo"))
-def _awq(
-    w, xtx, abs_sum, count, x, tie, grid: Grid, *, layout: C.Layout, n_grid: int, clip_grid: int, max_shrink: float,
-    clip: bool, slots: int, duo: bool,
-):
-    w = w.astype(jnp.float32)
-    n = jnp.maximum(count, 1.0)
-    h = xtx.astype(jnp.float32) / n
-    mean_abs = abs_sum / n
+def _output_error(h: jax.Array, x: jax.Array | None):
+    """``d -> ||X D||^2 / T``: straight from the rows when there are fewer rows than channels,
+    else through ``H``."""
 
-    def out_err(d):
-        # ||X D||^2: straight from the rows when there are fewer rows than channels, else via H.
+    def err(d):
         if x is None:
             return C.quadratic_error(d, h)
         xd = jnp.dot(x, d, precision=jax.lax.Precision.HIGHEST)
         return jnp.sum(xd * xd) / x.shape[0]
 
+    return err
+
+
+# The scale search and the final rounding are separate executables: the sequential driver runs
+# the search on the float block and the rounding (with its clip search) later, so each compiles
+# only what it runs.
+@partial(jax.jit, static_argnames=("layout", "n_grid", "slots", "duo"))
+def _search(w, xtx, abs_sum, count, x, tie, grid: Grid, *, layout: C.Layout, n_grid: int, slots: int, duo: bool):
+    w = w.astype(jnp.float32)
+    n = jnp.maximum(count, 1.0)
+    out_err = _output_error(xtx.astype(jnp.float32) / n, x)
+    mean_abs = abs_sum / n
     w_mean = weight_mean(w, layout)
 
     def scales_for(alpha, use_w):
@@ -162,8 +167,16 @@ def _awq(
     use_ws = jnp.arange(alphas.shape[0]) >= n_grid
     losses = jax.lax.map(loss_for, (alphas, use_ws))
     best = jnp.argmin(losses)  # alpha = 0 of the plain form first: ties keep plain RTN
-    alpha, use_w = alphas[best], use_ws[best]
-    s = scales_for(alpha, use_w)
+    return scales_for(alphas[best], use_ws[best]), alphas[best], losses[best], losses[0], use_ws[best]
+
+
+@partial(jax.jit, static_argnames=("layout", "clip_grid", "max_shrink", "clip"))
+def _round(w, xtx, count, x, s, grid: Grid, *, layout: C.Layout, clip_grid: int, max_shrink: float, clip: bool):
+    """Rounds ``diag(s) W`` (after the clip search); returns values, scale, zero point, loss, and
+    the loss before clipping."""
+    w = w.astype(jnp.float32)
+    h = xtx.astype(jnp.float32) / jnp.maximum(count, 1.0)
+    out_err = _output_error(h, x)
     ws = w * s[:, None]
     wsg = ws.reshape(layout.groups, layout.group_size, -1)
 
@@ -173,6 +186,7 @@ def _awq(
 
     scale, zp = C.group_range(wsg, grid, layout.per_tensor)
     wq, loss = finish(scale, zp)
+    unclipped = loss
     if clip:
         # The clip search sees the scaled weight and H in the scaled input basis: (x/s) H (x/s).
         # It scores groups independently (block-diagonal H), so keep it only if the full loss agrees.
@@ -184,7 +198,67 @@ def _awq(
         zp = None if zp is None else jnp.where(better, c_zp, zp)
         wq = jnp.where(better, c_wq, wq)
         loss = jnp.minimum(c_loss, loss)
-    return wq, scale, zp, s, alpha, loss, losses[0], use_w
+    return wq, scale, zp, loss, unclipped
+
+
+class AWQScale(NamedTuple):
+    """The scale search's result: ``input_scale`` ``s [K]``, the chosen ``alpha``, whether it is the
+    weight-aware (``duo``) form, and the output errors with it (``loss``) and with ``s = 1``
+    (``rtn_loss``), both before any clipping."""
+
+    input_scale: jax.Array
+    alpha: jax.Array
+    loss: jax.Array
+    rtn_loss: jax.Array
+    duo: jax.Array
+
+
+def _prepare(w, calib, spec, tie, name, method):
+    """Validates the inputs shared by :func:`awq_scale` and :func:`awq`."""
+    spec = as_spec(spec)
+    ws, many, k = C.check_kernels(w, method, name)
+    stats = as_stats(calib, k, name, hessian=True)
+    tie_arr, slots = C.check_tie(name, tie, k)
+    rows = None
+    if not isinstance(calib, CalibStats):
+        flat = jnp.asarray(calib).reshape(-1, k).astype(jnp.float32)
+        rows = flat if flat.shape[0] < k else None
+    return spec, ws, many, k, stats, tie_arr, slots, rows
+
+
+def awq_scale(
+    w: jax.Array | Sequence[jax.Array],
+    calib: CalibStats | jax.Array,
+    spec: QuantSpec | str,
+    *,
+    n_grid: int = 20,
+    tie: jax.Array | np.ndarray | None = None,
+    duo_scaling: bool = True,
+    name: str = "",
+) -> AWQScale:
+    """AWQ's scale search alone (step 1 of the module docstring): the input scale ``s`` to fold.
+
+    Takes the arguments of :func:`awq`. The sequential driver folds ``s`` into the block first
+    and rounds later, on statistics collected from the quantized prefix of the block.
+    """
+    spec, ws, _, k, stats, tie_arr, slots, rows = _prepare(w, calib, spec, tie, name, "awq")
+    cat, _ = C.concat_kernels(ws)
+    if spec.fmt.kind in ("cast", "none"):
+        return _unit_scale(k)
+    layout = C.weight_layout(spec, cat.shape, name)
+    return _find_scale(cat, stats, rows, tie_arr, slots, spec, layout, n_grid, duo_scaling)
+
+
+def _unit_scale(k: int) -> AWQScale:
+    one, z = jnp.ones((k,), jnp.float32), jnp.zeros((), jnp.float32)
+    return AWQScale(one, z, z, z, jnp.asarray(False))
+
+
+def _find_scale(cat, stats, rows, tie, slots, spec, layout, n_grid, duo_scaling) -> AWQScale:
+    return AWQScale(*_search(
+        cat, stats.xtx, stats.abs_sum, stats.count, rows, tie, Grid.of(spec),
+        layout=layout, n_grid=max(int(n_grid), 1), slots=slots, duo=bool(duo_scaling) and int(n_grid) > 1,
+    ))
 
 
 def awq(
@@ -222,38 +296,24 @@ def awq(
       :class:`AWQResult`; ``q`` quantizes ``diag(s) @ w`` — divide the layer input by
       ``input_scale`` (or fold ``1/s`` into the previous op) before using it.
     """
-    spec = as_spec(spec)
-    ws, many, k = C.check_kernels(w, "awq", name)
-    stats = as_stats(calib, k, name, hessian=True)
-    tie_arr, slots = C.check_tie(name, tie, k)
-    rows = None
-    if not isinstance(calib, CalibStats):
-        flat = jnp.asarray(calib).reshape(-1, k).astype(jnp.float32)
-        rows = flat if flat.shape[0] < k else None
+    spec, ws, many, k, stats, tie_arr, slots, rows = _prepare(w, calib, spec, tie, name, "awq")
     if spec.fmt.kind in ("cast", "none"):
         qs = tuple(quantize_array(wi, spec, where=name) for wi in ws)
         one = jnp.ones((k,), jnp.float32)
         z = jnp.zeros((), jnp.float32)
         return AWQResult(qs if many else qs[0], one, z, z, z, False)
-    cat, splits = C.concat_kernels(ws)
-    layout = C.weight_layout(spec, cat.shape, name)
     if not 0.0 <= max_shrink < 1.0:
         raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink}")
-    wq, scale, zp, s, alpha, loss, rtn_loss, duo = _awq(
-        cat,
-        stats.xtx,
-        stats.abs_sum,
-        stats.count,
-        rows,
-        tie_arr,
-        Grid.of(spec),
-        layout=layout,
-        n_grid=int(n_grid),
-        clip_grid=int(clip_grid),
-        max_shrink=float(max_shrink),
-        clip=bool(clip),
-        slots=slots,
-        duo=bool(duo_scaling) and int(n_grid) > 1,
+    cat, splits = C.concat_kernels(ws)
+    layout = C.weight_layout(spec, cat.shape, name)
+    if int(n_grid) > 1:
+        found = _find_scale(cat, stats, rows, tie_arr, slots, spec, layout, n_grid, duo_scaling)
+    else:  # s = 1: plain rounding (plus the clip search), e.g. on an already scaled kernel
+        found = _unit_scale(k)
+    wq, scale, zp, loss, unclipped = _round(
+        cat, stats.xtx, stats.count, rows, found.input_scale, Grid.of(spec), layout=layout,
+        clip_grid=int(clip_grid), max_shrink=float(max_shrink), clip=bool(clip),
     )
+    rtn_loss = found.rtn_loss if int(n_grid) > 1 else unclipped
     qs = C.split_to_qarrays(wq, scale, zp, spec, splits)
-    return AWQResult(qs if many else qs[0], s, alpha, loss, rtn_loss, duo)
+    return AWQResult(qs if many else qs[0], found.input_scale, found.alpha, loss, rtn_loss, found.duo)
