@@ -112,7 +112,7 @@ def _sample_from_model(model, params, n: int, length: int, bos: int, seed: int) 
     return toks
 
 
-def tinystories_setup(n_calib: int, calib_len: int, window: int) -> Setup:
+def tinystories_setup(n_calib: int, calib_len: int, window: int, seed: int = 0) -> Setup:
     from jaxq.models import Llama, load_tinystories
 
     cfg, params, tok = load_tinystories()
@@ -122,11 +122,11 @@ def tinystories_setup(n_calib: int, calib_len: int, window: int) -> Setup:
         stream += tok.encode(story).ids + [cfg.eos_token_id]  # encode prepends BOS
     n = len(stream) // window
     eval_windows = jnp.asarray(np.array(stream[: n * window], np.int32).reshape(n, window))
-    calib = _sample_from_model(model, params, n_calib, calib_len, cfg.bos_token_id, seed=0)
+    calib = _sample_from_model(model, params, n_calib, calib_len, cfg.bos_token_id, seed=seed)
     return Setup("TinyStories-656K (Llama)", model, params, calib, eval_windows)
 
 
-def chargpt_setup(n_calib: int, calib_len: int, window: int, cache_dir: Path, steps: int) -> Setup:
+def chargpt_setup(n_calib: int, calib_len: int, window: int, cache_dir: Path, steps: int, seed: int = 0) -> Setup:
     from jaxq.data.text import CharTokenizer, load_tiny_shakespeare
     from jaxq.models import CharGPT, CharGPTConfig, train_char_gpt
 
@@ -152,7 +152,7 @@ def chargpt_setup(n_calib: int, calib_len: int, window: int, cache_dir: Path, st
     n = min(512, len(held_ids) // window)
     eval_windows = jnp.asarray(held_ids[: n * window].reshape(n, window))
     train_ids = np.asarray(tok.encode(train), np.int32)
-    starts = np.random.default_rng(0).integers(0, len(train_ids) - calib_len, n_calib)
+    starts = np.random.default_rng(seed).integers(0, len(train_ids) - calib_len, n_calib)
     calib = jnp.asarray(np.stack([train_ids[s : s + calib_len] for s in starts]))
     return Setup("char-GPT (Tiny Shakespeare)", model, params, calib, eval_windows)
 
@@ -358,6 +358,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="group sizes for which to run Qwix's GPTQ (about 5 min each on 2 CPU cores)")
     ap.add_argument("--n-calib", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=128)
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sample (the model is fixed)")
     ap.add_argument("--chargpt-steps", type=int, default=800)
     ap.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxq-bench")
     ap.add_argument("--only", default=None, help="regex on '<setting> <method>' selecting rows, e.g. 'W8A8'")
@@ -367,9 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     out = [f"# LLM quantization quality\n\n{machine_line()}\n"]
     for name in args.models:
         if name == "tinystories":
-            setup = tinystories_setup(args.n_calib, args.calib_len, window=128)
+            setup = tinystories_setup(args.n_calib, args.calib_len, window=128, seed=args.calib_seed)
         else:
-            setup = chargpt_setup(args.n_calib, args.calib_len, 128, args.cache_dir, args.chargpt_steps)
+            setup = chargpt_setup(args.n_calib, args.calib_len, 128, args.cache_dir, args.chargpt_steps, seed=args.calib_seed)
         rows = run(setup, args.groups, not args.no_qwix, set(args.qwix_gptq_groups), args.only)
         table = markdown_table(HEADERS, [r.cells() for r in rows])
         out.append(f"## {setup.name}\n\ncalibration {tuple(setup.calib.shape)} tokens, held-out {tuple(setup.eval_windows.shape)}\n\n{table}\n")

@@ -5,8 +5,9 @@ A randomly initialised Llama with TinyLlama-1.1B's shape (hidden 2048, FFN 5632,
 :func:`jaxq.algorithms.sequential.quantize_blocks`, twice, each in a fresh process:
 
 * ``rtn``: int4, groups of 128 (round to nearest);
-* ``gptq``: int4 g128 GPTQ (act-order, true-sequential, MSE-searched group scales) on a few
-  calibration sequences.
+* ``gptq``: int4 g128 GPTQ (act-order, true-sequential, MSE-searched group scales, and the
+  float model's layer outputs as the target, which carries a second, float activation stream)
+  on a few calibration sequences.
 
 The weights are *generated lazily block by block*, directly in bf16, the way a sharded
 checkpoint would be read: the float model is never whole in memory (and never in float32).

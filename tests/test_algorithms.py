@@ -232,6 +232,10 @@ def test_awq_duo_scaling_searches_a_superset():
     assert float(duo.loss) <= float(plain.loss) * (1 + 1e-5)
     assert float(duo.rtn_loss) == pytest.approx(float(plain.rtn_loss), rel=1e-6)
     assert out_err(duo.q, duo.input_scale) * N == pytest.approx(float(duo.loss), rel=1e-3)
+    # The search alone (what the sequential driver folds) is the scale awq() rounds with.
+    found = A.awq_scale(W, STATS, G32, duo_scaling=True, name="fc")
+    np.testing.assert_array_equal(found.input_scale, duo.input_scale)
+    assert float(found.loss) == pytest.approx(float(duo.loss), rel=1e-6) and bool(found.duo) == bool(duo.duo)
 
 
 def test_awq_shared_input_kernels_and_fold_into_norm():
@@ -425,7 +429,7 @@ def test_sequential_gptq_and_awq_beat_rtn_on_tiny_llama():
 
 def test_float_target_is_the_least_squares_fit_of_the_float_output():
     """``W* = argmin ||X_f W - X V||^2`` (ridge -> 0), and ``W* = W`` when both streams agree."""
-    from jaxq.algorithms.sequential import _float_target
+    from jaxq.algorithms.gptq import float_target
 
     rng = np.random.default_rng(3)
     xq = np.asarray(X[:, :32], np.float64)
@@ -433,12 +437,12 @@ def test_float_target_is_the_least_squares_fit_of_the_float_output():
     w = np.asarray(W[:32, :16], np.float64)
     n = xq.shape[0]
     h, cross = jnp.asarray(xq.T @ xq / n, jnp.float32), jnp.asarray(xq.T @ xf / n, jnp.float32)
-    got = np.asarray(_float_target(jnp.asarray(w, jnp.float32), h, cross, 1e-7))
+    got = np.asarray(float_target(jnp.asarray(w, jnp.float32), h, cross, 1e-7))
     ref = np.linalg.lstsq(xq, xf @ w, rcond=None)[0]
     live = np.arange(32) != DEAD
     np.testing.assert_allclose(got[live], ref[live], rtol=2e-3, atol=2e-4)
     np.testing.assert_allclose(got[DEAD], w[DEAD], rtol=1e-5)  # no data: the ridge keeps W's row
-    same = _float_target(jnp.asarray(w, jnp.float32), h, h, 0.01)
+    same = float_target(jnp.asarray(w, jnp.float32), h, h, 0.01)
     np.testing.assert_allclose(same, w, rtol=1e-3, atol=1e-5)
 
 def test_rtn_recipes_skip_the_calibration_forwards():

@@ -7,6 +7,7 @@ channel, or per group of input rows (int8/int4/int3, nf4, fp8; symmetric or asym
 * :mod:`~jaxq.algorithms.stats` - :class:`CalibStats` accumulated batch by batch
   (``X^T X``, ``E[x]``, ``E|x|``, ``max|x|``, count);
 * :func:`gptq` - Hessian-based error compensation (act_order, lazy blocks, damping, groups);
+  :func:`float_target` turns it into asymmetric calibration against the float model;
 * :func:`awq` - activation-aware input scaling and clip search (returns the scale to fold);
   :func:`awq_scale` runs the scale search alone;
 * :func:`smoothquant` - outlier migration for W8A8 (returns the activation divisor);
@@ -18,9 +19,9 @@ channel, or per group of input rows (int8/int4/int3, nf4, fp8; symmetric or asym
 from jaxq.algorithms.awq import AWQResult, AWQScale, awq, awq_scale, awq_scales
 from jaxq.algorithms.baseline import mse_clip, rtn
 from jaxq.algorithms.bias_correction import bias_correction
-from jaxq.algorithms.gptq import GPTQResult, gptq, inverse_cholesky
+from jaxq.algorithms.gptq import GPTQResult, float_target, gptq, inverse_cholesky
 from jaxq.algorithms.smoothquant import PER_TOKEN_INT8, SmoothQuantResult, smoothing_factors, smoothquant, w8a8_matmul
-from jaxq.algorithms.stats import CalibStats, as_stats, compute_stats, init_stats, merge_stats, scale_stats, update_stats
+from jaxq.algorithms.stats import CalibStats, as_stats, compute_stats, init_stats, merge_stats, scale_stats, update_cross_moment, update_stats
 
 __all__ = [
     "AWQResult",
@@ -35,6 +36,7 @@ __all__ = [
     "awq_scales",
     "bias_correction",
     "compute_stats",
+    "float_target",
     "gptq",
     "init_stats",
     "inverse_cholesky",
@@ -44,6 +46,7 @@ __all__ = [
     "scale_stats",
     "smoothing_factors",
     "smoothquant",
+    "update_cross_moment",
     "update_stats",
     "w8a8_matmul",
 ]

@@ -89,6 +89,27 @@ def inverse_cholesky(h: jax.Array, percdamp: float, max_tries: int = 6) -> jax.A
     return u
 
 
+
+@jax.jit
+def float_target(w: jax.Array, h: jax.Array, cross: jax.Array, percdamp: float = 0.01) -> jax.Array:
+    r"""The weight whose output on the quantized model's inputs best matches the float layer.
+
+    With ``X`` the layer's inputs in the (partly) quantized model and ``X_f`` those in the float
+    model, ``min_Q ||X_f W - X Q||^2 = ||X_f W - X W*||^2 + ||X (W* - Q)||^2`` for the
+    least-squares ``W*``, so GPTQ on ``W*`` with ``H = X^T X / n`` minimises the error against the
+    *float* output (asymmetric calibration). Ridge-regularised toward ``W``:
+
+    .. math::  W^* = (H + \lambda I)^{-1} (C W + \lambda W), \quad C = X^\top X_f / n,
+               \quad \lambda = \text{percdamp} \cdot \overline{\operatorname{diag} H},
+
+    so an input channel with no data (a dead channel) keeps its row of ``W``.
+    """
+    w = w.astype(jnp.float32)
+    lam = percdamp * jnp.maximum(jnp.mean(jnp.diag(h)), 1e-8)
+    a = h.astype(jnp.float32) + lam * jnp.eye(h.shape[0], dtype=jnp.float32)
+    rhs = jnp.dot(cross.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST) + lam * w
+    return jax.scipy.linalg.solve(a, rhs, assume_a="pos")
+
 def _block_size(block_size: int, layout: C.Layout) -> int:
     """A block size whose boundaries are compatible with the groups (each group within a block or
     starting on a block boundary)."""

@@ -43,9 +43,9 @@ from jaxq.algorithms import _common as C
 from jaxq.algorithms.awq import awq, awq_scale, awq_scales, weight_mean
 from jaxq.algorithms.baseline import mse_clip, rtn
 from jaxq.algorithms.bias_correction import bias_correction
-from jaxq.algorithms.gptq import gptq
+from jaxq.algorithms.gptq import float_target, gptq
 from jaxq.algorithms.smoothquant import PER_TOKEN_INT8, smoothquant
-from jaxq.algorithms.stats import CalibStats, init_stats, scale_stats, update_stats
+from jaxq.algorithms.stats import CalibStats, init_stats, scale_stats, update_cross_moment, update_stats
 from jaxq.qarray import QArray
 from jaxq.spec import QuantSpec, as_spec
 
@@ -221,26 +221,8 @@ class _BlockRunner:
             x = _get(self._run(bp, c)[1], group.denses[0])
             x_ref = _get(self._run(bp_ref, c_ref)[1], group.denses[0])
             stats = update_stats(stats, x, name=group.name)
-            cross = _add_cross(cross, x, x_ref)
+            cross = update_cross_moment(cross, x, x_ref)
         return stats, cross / jnp.maximum(stats.count, 1.0)
-
-
-@jax.jit
-def _add_cross(acc: jax.Array, x: jax.Array, x_ref: jax.Array) -> jax.Array:
-    k = acc.shape[0]
-    a, b = x.reshape(-1, k).astype(jnp.float32), x_ref.reshape(-1, k).astype(jnp.float32)
-    return acc + jnp.dot(a.T, b, precision=jax.lax.Precision.HIGHEST)
-
-
-@jax.jit
-def _float_target(w: jax.Array, h: jax.Array, cross: jax.Array, percdamp: float) -> jax.Array:
-    """``argmin_V ||X_f W - X V||^2 + lam ||V - W||^2 = (H + lam I)^{-1} (C W + lam W)``, with
-    ``H = X^T X / n``, ``C = X^T X_f / n`` and ``lam = percdamp * mean(diag H)``."""
-    w = w.astype(jnp.float32)
-    lam = percdamp * jnp.maximum(jnp.mean(jnp.diag(h)), 1e-8)
-    a = h + lam * jnp.eye(h.shape[0], dtype=jnp.float32)
-    rhs = jnp.dot(cross, w, precision=jax.lax.Precision.HIGHEST) + lam * w
-    return jax.scipy.linalg.solve(a, rhs, assume_a="pos")
 
 
 @functools.lru_cache(maxsize=8)
@@ -383,7 +365,7 @@ def quantize_block(
         kernels = [_get(bp, p)["kernel"] for p in live]
         if h_float is not None:  # GPTQ's target: the float layer's output on the float inputs
             hq = st.xtx / jnp.maximum(st.count, 1.0)
-            kernels = [_float_target(kk, hq, cross, recipe.percdamp).astype(kk.dtype) for kk in kernels]
+            kernels = [float_target(kk, hq, cross, recipe.percdamp).astype(kk.dtype) for kk in kernels]
         joint: list[Any] | None = None  # GPTQ/AWQ quantize a group's kernels as one matrix
         if recipe.method == "gptq":
             r = gptq(kernels, st, gspec, block_size=recipe.block_size, percdamp=recipe.percdamp,
@@ -451,8 +433,7 @@ def quantize_blocks(
       last block's output on the calibration data, and per-block :class:`BlockReport`.
     """
     propagate = propagate or recipe.needs_stats
-    float_target = recipe.method == "gptq" and recipe.gptq_float_target
-    h_float = h if float_target else None
+    h_float = h if recipe.method == "gptq" and recipe.gptq_float_target else None  # the float stream
     n = model.num_blocks() if num_blocks is None else num_blocks
     get = blocks if callable(blocks) else (lambda i: blocks[i])
     runner = _runner(model, recipe.act_spec, batch_size)

@@ -169,3 +169,12 @@ def scale_stats(stats: CalibStats, s: jax.Array) -> CalibStats:
         abs_max=stats.abs_max / s,
         count=stats.count,
     )
+
+
+@jax.jit
+def update_cross_moment(acc: jax.Array, x: jax.Array, x_ref: jax.Array) -> jax.Array:
+    """``acc + X^T X_ref`` for two captures ``[..., K]`` of one layer input over the same rows
+    (e.g. the quantized and the float model's), in float32."""
+    k = acc.shape[0]
+    a, b = x.reshape(-1, k).astype(jnp.float32), x_ref.reshape(-1, k).astype(jnp.float32)
+    return acc + jnp.dot(a.T, b, precision=jax.lax.Precision.HIGHEST)
