@@ -74,7 +74,7 @@ class Recipe:
         least-squares target ``W* = (H + lam I)^{-1} (X^T X_f W / n + lam W)``, so later layers
         also undo the error that earlier ones let through. Costs one float block forward per
         input group and a ``K x K`` solve. On by default: on char-GPT W4 g64 it cuts GPTQ's KL
-        from float by 25%, on TinyStories-656K W4 g128 by 14% (BENCHMARKS.md section 8).
+        from float by 26%, on TinyStories-656K W4 g128 by 14% (BENCHMARKS.md section 8).
       awq_grid, awq_clip, awq_duo: AWQ's ``alpha`` grid size, whether to search clip ratios, and
         whether to also search the weight-aware (duo) scale form.
       awq_objective: ``"layer"`` scores AWQ's scale candidates by the group's own Dense outputs
