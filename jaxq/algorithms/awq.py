@@ -242,11 +242,11 @@ def awq_scale(
     and rounds later, on statistics collected from the quantized prefix of the block.
     """
     spec, ws, _, k, stats, tie_arr, slots, rows = _prepare(w, calib, spec, tie, name, "awq")
-    cat, _ = C.concat_kernels(ws)
     if spec.fmt.kind in ("cast", "none"):
         return _unit_scale(k)
+    cat, _ = C.concat_kernels(ws)
     layout = C.weight_layout(spec, cat.shape, name)
-    return _find_scale(cat, stats, rows, tie_arr, slots, spec, layout, n_grid, duo_scaling)
+    return _find_scale(cat, stats, rows, tie_arr, slots, Grid.of(spec), layout, n_grid, duo_scaling)
 
 
 def _unit_scale(k: int) -> AWQScale:
@@ -254,9 +254,9 @@ def _unit_scale(k: int) -> AWQScale:
     return AWQScale(one, z, z, z, jnp.asarray(False))
 
 
-def _find_scale(cat, stats, rows, tie, slots, spec, layout, n_grid, duo_scaling) -> AWQScale:
+def _find_scale(cat, stats, rows, tie, slots, grid, layout, n_grid, duo_scaling) -> AWQScale:
     return AWQScale(*_search(
-        cat, stats.xtx, stats.abs_sum, stats.count, rows, tie, Grid.of(spec),
+        cat, stats.xtx, stats.abs_sum, stats.count, rows, tie, grid,
         layout=layout, n_grid=max(int(n_grid), 1), slots=slots, duo=bool(duo_scaling) and int(n_grid) > 1,
     ))
 
@@ -299,19 +299,19 @@ def awq(
     spec, ws, many, k, stats, tie_arr, slots, rows = _prepare(w, calib, spec, tie, name, "awq")
     if spec.fmt.kind in ("cast", "none"):
         qs = tuple(quantize_array(wi, spec, where=name) for wi in ws)
-        one = jnp.ones((k,), jnp.float32)
-        z = jnp.zeros((), jnp.float32)
-        return AWQResult(qs if many else qs[0], one, z, z, z, False)
+        unit = _unit_scale(k)
+        return AWQResult(qs if many else qs[0], unit.input_scale, unit.alpha, unit.loss, unit.rtn_loss, False)
     if not 0.0 <= max_shrink < 1.0:
         raise ValueError(f"max_shrink must be in [0, 1), got {max_shrink}")
     cat, splits = C.concat_kernels(ws)
     layout = C.weight_layout(spec, cat.shape, name)
+    grid = Grid.of(spec)
     if int(n_grid) > 1:
-        found = _find_scale(cat, stats, rows, tie_arr, slots, spec, layout, n_grid, duo_scaling)
+        found = _find_scale(cat, stats, rows, tie_arr, slots, grid, layout, n_grid, duo_scaling)
     else:  # s = 1: plain rounding (plus the clip search), e.g. on an already scaled kernel
         found = _unit_scale(k)
     wq, scale, zp, loss, unclipped = _round(
-        cat, stats.xtx, stats.count, rows, found.input_scale, Grid.of(spec), layout=layout,
+        cat, stats.xtx, stats.count, rows, found.input_scale, grid, layout=layout,
         clip_grid=int(clip_grid), max_shrink=float(max_shrink), clip=bool(clip),
     )
     rtn_loss = found.rtn_loss if int(n_grid) > 1 else unclipped

@@ -307,7 +307,7 @@ def gptq(
                     static_groups=static_groups, name=name) for wi in ws]
         return GPTQResult(tuple(r.q for r in res), sum(r.loss for r in res))
     cat, splits = C.concat_kernels(ws)
-    layout = C.weight_layout(spec, cat.shape, name)
-    qw, scales, zps, loss = _gptq(cat, stats.xtx, stats.count, Grid.of(spec), layout=layout, **opts)
+    # The layout depends on K only, so every kernel's (validated above) is the joint matrix's.
+    qw, scales, zps, loss = _gptq(cat, stats.xtx, stats.count, Grid.of(spec), layout=layouts[0], **opts)
     qs = C.split_to_qarrays(qw, scales, zps, spec, splits)
     return GPTQResult(qs if many else qs[0], loss)

@@ -20,7 +20,6 @@ import dataclasses
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxq.spec import QuantSpec
@@ -63,7 +62,7 @@ class Grid:
     def tree_flatten(self):
         aux = (self.symmetric, self.full_range, self.range_method, self.percentile)
         if isinstance(self.fmt, IntCodes):
-            return (jnp.asarray(self.fmt.half, jnp.float32),), ("int",) + aux
+            return (self.fmt.half,), ("int",) + aux  # np.float32 from Grid.of, or a tracer
         return (), (self.fmt,) + aux
 
     @classmethod

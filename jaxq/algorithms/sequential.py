@@ -217,6 +217,8 @@ class _BlockRunner:
         k = int(_get(bp, group.denses[0])["kernel"].shape[0])
         stats = init_stats(k, hessian=True)
         cross = jnp.zeros((k, k), jnp.float32)
+        # The float block runs again for every group: keeping its captures of all groups from one
+        # pass would hold every Dense input of the whole calibration set at once.
         for c, c_ref in zip(self.chunks(h), self.chunks(h_ref)):
             x = _get(self._run(bp, c)[1], group.denses[0])
             x_ref = _get(self._run(bp_ref, c_ref)[1], group.denses[0])
