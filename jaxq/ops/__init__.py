@@ -1,6 +1,7 @@
 """Ops that accept QArrays: the quantized matmul and Flax-hook-compatible wrappers."""
 
 from jaxq.ops.activations import activation_scale, quantize_activation
+from jaxq.ops.gather import take
 from jaxq.ops.general import conv_general_dilated, dot_general, einsum
 from jaxq.ops.qmatmul import IMPLS, choose_impl, qmatmul
 
@@ -13,4 +14,5 @@ __all__ = [
     "einsum",
     "qmatmul",
     "quantize_activation",
+    "take",
 ]
