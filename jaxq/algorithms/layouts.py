@@ -16,8 +16,8 @@ parameter tree alone does not give:
     that the algorithms use to tie them (the AWQ reference instead skips ``o_proj`` here).
 
 A group without a fold gets no scaling (AWQ falls back to its clip search only).
-Layouts are given for :class:`~jaxq.models.Llama` and :class:`~jaxq.models.CharGPT`; any other
-model gets one group per Dense in call order, without folds.
+Each model gives its own layout (``block_layout(i)``, see :mod:`jaxq.algorithms.protocol`);
+any other model gets one group per Dense in call order, without folds.
 """
 
 from __future__ import annotations
@@ -33,9 +33,14 @@ Path = tuple[str, ...]
 
 @dataclasses.dataclass(frozen=True)
 class NormFold:
-    """``1/s`` goes into the norm at ``path`` (its ``scale`` and, if present, ``bias``)."""
+    """``1/s`` goes into the norm at ``path`` (its ``scale`` and, if present, ``bias``).
+
+    ``plus_one``: the norm multiplies by ``1 + scale`` (Gemma's layout), so the stored scale
+    becomes ``(1 + scale) / s - 1``.
+    """
 
     path: Path
+    plus_one: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +90,7 @@ class InputGroup:
 
 
 def llama_layout(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[InputGroup, ...]:
-    """Groups of a :class:`~jaxq.models.llama.LlamaBlock` (query head ``h`` reads KV head ``h // repeat``)."""
+    """Groups of a Llama block (query head ``h`` reads KV head ``h // repeat``)."""
     return (
         InputGroup("attn_in", (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj")), NormFold(("attn_norm",))),
         InputGroup("attn_out", (("attn", "o_proj"),), DenseFold(("attn", "v_proj"), num_heads // num_kv_heads, head_dim)),
@@ -95,7 +100,7 @@ def llama_layout(num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[Inpu
 
 
 def char_gpt_layout() -> tuple[InputGroup, ...]:
-    """Groups of a :class:`~jaxq.models.char_gpt.GPTBlock` (GELU MLP: ``down_proj`` has no fold)."""
+    """Groups of a GPT-2-style block (GELU MLP: ``down_proj`` has no fold)."""
     return (
         InputGroup("attn_in", (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj")), NormFold(("attn_norm",))),
         InputGroup("attn_out", (("attn", "o_proj"),), DenseFold(("attn", "v_proj"))),
@@ -107,21 +112,3 @@ def char_gpt_layout() -> tuple[InputGroup, ...]:
 def generic_layout(dense_paths: Sequence[Path]) -> tuple[InputGroup, ...]:
     """One group per Dense, in the given (call) order, without folds."""
     return tuple(InputGroup("/".join(p), (tuple(p),), None) for p in dense_paths)
-
-
-def block_layout(model: Any, dense_paths: Sequence[Path]) -> tuple[InputGroup, ...]:
-    """The layout for ``model``'s blocks; ``dense_paths`` (from a capture) checks it and is the fallback."""
-    from jaxq.models.char_gpt import CharGPT
-    from jaxq.models.llama import Llama
-
-    layout: tuple[InputGroup, ...] | None = None
-    if isinstance(model, Llama):
-        c = model.config
-        layout = llama_layout(c.num_heads, c.num_kv_heads, c.head_dim)
-    elif isinstance(model, CharGPT):
-        layout = char_gpt_layout()
-    if layout is not None:
-        known = {p for g in layout for p in g.denses}
-        if known == {tuple(p) for p in dense_paths}:
-            return layout
-    return generic_layout(dense_paths)

@@ -1,6 +1,6 @@
 """Block-by-block (sequential) calibration of a transformer, as in GPTQ/AWQ's reference code.
 
-The model is ``embed -> block_0 ... block_{L-1} -> head`` (the protocol of :mod:`jaxq.models`).
+The model is ``embed -> block_0 ... block_{L-1} -> head`` (the protocol of :mod:`jaxq.algorithms.protocol`).
 Starting from the embedded calibration tokens ``h`` (``[B, T, D]``), for each block ``i``:
 
 1. (AWQ, SmoothQuant) collect input statistics of every Dense on the *float* block, search one
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jaxq.algorithms import layouts as L
+from jaxq.algorithms import protocol as P
 from jaxq.algorithms import _common as C
 from jaxq.algorithms.awq import awq, awq_scale, awq_scales, weight_mean
 from jaxq.algorithms.baseline import mse_clip, rtn
@@ -159,27 +160,36 @@ def _fake_quant_dot_general(act_spec: QuantSpec) -> Callable[..., jax.Array]:
 
 
 class _BlockRunner:
-    """Jitted block forward and statistics collection for one model (compiled once per shape)."""
+    """Jitted block forwards and statistics collection for one model (compiled once per block kind)."""
 
     def __init__(self, model: Any, act_spec: QuantSpec | None, batch_size: int):
-        from jaxq.models import blocks
-
         self.batch_size = batch_size
         fwd = model
         if act_spec is not None:
             kwargs = dict(getattr(model, "dense_kwargs", {}) or {})
             kwargs["dot_general"] = _fake_quant_dot_general(act_spec)
             fwd = model.clone(dense_kwargs=flax.core.FrozenDict(kwargs))
+        self._model = fwd
+        self._compiled: dict[Any, Callable] = {}
+        self._run = self.block(0)
 
-        # One compiled function per block shape serves both the forward and the statistics: it
-        # returns the block output and every Dense input of the micro-batch (sown before any
-        # activation fake-quant, i.e. the float inputs); statistics are updated outside, by a
-        # jitted update compiled once per input width.
-        @jax.jit
-        def run(bp, h):
-            return blocks.apply_block(fwd, bp, h, capture_inputs=True)
+    def block(self, i: int) -> Callable:
+        """The compiled forward of block ``i``: ``(bp, h) -> (h_out, Dense inputs)``.
 
-        self._run = run
+        One compiled function per block module (blocks of one kind compare equal) serves both the
+        forward and the statistics: it returns the block output and every Dense input of the
+        micro-batch (sown before any activation fake-quant, i.e. the float inputs); statistics
+        are updated outside, by a jitted update compiled once per input width.
+        """
+        module = P.block_module(self._model, i)
+        if module not in self._compiled:
+            self._compiled[module] = jax.jit(functools.partial(P.apply_block, module, capture_inputs=True))
+        return self._compiled[module]
+
+    def at(self, i: int) -> "_BlockRunner":
+        """This runner, running block ``i``'s module."""
+        self._run = self.block(i)
+        return self
 
     def chunks(self, h: jax.Array):
         b = self.batch_size
@@ -243,7 +253,9 @@ def _apply_scale(bp: dict, group: L.InputGroup, s: jax.Array) -> None:
     if isinstance(group.fold, L.NormFold):
         for name in ("scale", "bias"):
             if name in target:
-                target[name] = (target[name].astype(jnp.float32) / s32).astype(target[name].dtype)
+                t = target[name].astype(jnp.float32)
+                t = (1.0 + t) / s32 - 1.0 if name == "scale" and group.fold.plus_one else t / s32
+                target[name] = t.astype(target[name].dtype)
     else:
         t = group.fold.target_scale(s32)  # tied channels (GQA) map to one v_proj column
         target["kernel"] = (target["kernel"].astype(jnp.float32) / t[None, :]).astype(target["kernel"].dtype)
@@ -416,13 +428,14 @@ def quantize_blocks(
     """Quantizes a model's blocks one after another, feeding quantized outputs forward.
 
     Args:
-      model: a model with ``block_module()`` / ``num_blocks()`` (see :mod:`jaxq.models.blocks`).
+      model: a model with the block protocol (:mod:`jaxq.algorithms.protocol`).
       h: block-0 input of the calibration sequences, ``[B, T, D]`` (``embed`` of the tokens).
       blocks: block params by index: a function ``i -> params['layers_i']`` (lazy) or a list.
       recipe: what to do to each Dense.
       num_blocks: defaults to ``model.num_blocks()``.
       batch_size: sequences per micro-batch for statistics and forwards.
-      layout: input groups of a block (default: :func:`layouts.block_layout`).
+      layout: input groups of a block (default: the model's ``block_layout(i)``, see
+        :func:`protocol.block_layout`).
       on_block: called as ``on_block(i, quantized_block_params)``; its return value is stored
         in the result list instead of the params (e.g. return ``None`` to keep nothing).
       progress: print one line per block.
@@ -443,9 +456,10 @@ def quantize_blocks(
     for i in range(n):
         t0 = time.perf_counter()
         bp = get(i)
+        runner.at(i)
         lay = layout
         if lay is None:
-            lay = L.block_layout(model, runner.dense_paths(bp, h))
+            lay = P.block_layout(model, i, runner.dense_paths(bp, h))
         qbp, fwd, losses = quantize_block(runner, bp, h, lay, recipe, prefix=f"layers_{i}/", forward=propagate,
                                           h_float=h_float)
         if h_float is not None:
@@ -480,11 +494,9 @@ def quantize_model(
     correction applied). Embeddings and the LM head stay float. Recipes without statistics
     (RTN, MSE clip) never run the model: ``tokens`` only fix the shapes.
     """
-    from jaxq.models import blocks as B
-
-    h = B.embed(model, params, tokens)
+    h = P.embed(model, params, tokens)
     qblocks, _, reports = quantize_blocks(
-        model, h, lambda i: B.block_params(params, i), recipe, batch_size=batch_size, progress=progress,
+        model, h, lambda i: P.block_params(params, i), recipe, batch_size=batch_size, progress=progress,
         propagate=False,
     )
     out = dict(flax.core.unfreeze(params)) if not isinstance(params, dict) else dict(params)

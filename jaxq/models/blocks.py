@@ -4,7 +4,7 @@ Every model here (:class:`~jaxq.models.llama.Llama`, :class:`~jaxq.models.char_g
 has the same shape ``embed -> layers_0 ... layers_{n-1} -> head`` and exposes it as:
 
 * ``model.embed(tokens)`` and ``model.head(h)`` — methods, run via ``apply(method=...)``;
-* ``model.block_module()`` — an unbound block, applied to ``params['layers_i']``;
+* ``model.block_module(i)`` — an unbound block, applied to ``params['layers_i']``;
 * ``model.num_blocks()``.
 
 The helpers below wrap those; they are pure functions (jit them with the model closed over).
@@ -25,26 +25,25 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from jaxq.models.layers import DENSE_INPUTS
+from jaxq.algorithms import protocol as P
 
 Params = Any
 
 
 def block_params(params: Params, i: int) -> Params:
     """The param subtree of block ``i`` (``params['layers_i']``)."""
-    return params[f"layers_{i}"]
+    return P.block_params(params, i)
 
 
 def embed(model: nn.Module, params: Params, tokens: jax.Array) -> jax.Array:
     """Token ids ``[B, T]`` -> input hidden states of block 0, ``[B, T, D]``."""
-    return model.apply({"params": params}, tokens, method="embed")
+    return P.embed(model, params, tokens)
 
 
 def head(model: nn.Module, params: Params, h: jax.Array) -> jax.Array:
     """Output of the last block ``[B, T, D]`` -> logits ``[B, T, V]``."""
-    return model.apply({"params": params}, h, method="head")
+    return P.head(model, params, h)
 
 
 def apply_block(
@@ -53,30 +52,14 @@ def apply_block(
     h: jax.Array,
     *,
     capture_inputs: bool = False,
+    index: int = 0,
 ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
-    """Apply one block (with its own param subtree) to hidden states ``h`` ``[B, T, D]``.
+    """Apply block ``index``'s module (with its own param subtree) to hidden states ``h``.
 
     With ``capture_inputs=True`` also returns the input of every Dense in the block as a nested
     dict mirroring the block's params, e.g. ``xs['mlp']['down_proj']`` is ``[B, T, F]``.
     """
-    block = model.block_module()
-    if not capture_inputs:
-        return block.apply({"params": params_block}, h)
-    out, state = block.apply({"params": params_block}, h, mutable=[DENSE_INPUTS])
-    return out, dense_inputs_tree(state[DENSE_INPUTS])
+    return P.apply_block(model.block_module(index), params_block, h, capture_inputs=capture_inputs)
 
 
-def dense_inputs_tree(captured: Any) -> Any:
-    """Turn a raw ``'dense_inputs'`` collection into ``{path...: array}``.
-
-    Each Dense's sow leaf is ``{'inputs': (x_call1, x_call2, ...)}``; several calls (e.g.
-    repeated applies with a carried state) are concatenated along the batch axis, since for
-    calibration they are simply more rows.
-    """
-    if isinstance(captured, dict) or hasattr(captured, "items"):
-        keys = set(captured.keys())
-        if keys == {"inputs"} and isinstance(captured["inputs"], tuple):
-            xs = captured["inputs"]
-            return xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
-        return {k: dense_inputs_tree(v) for k, v in captured.items()}
-    raise TypeError(f"unexpected node in dense_inputs collection: {type(captured)}")
+dense_inputs_tree = P.dense_inputs_tree

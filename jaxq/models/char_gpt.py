@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxq.algorithms.layouts import char_gpt_layout
 from jaxq.data.text import CharTokenizer  # shared char tokenizer (sorted distinct chars)
 from jaxq.models.layers import Dtype, causal_attention, make_dense
 
@@ -146,9 +147,14 @@ class CharGPT(_Base):
         return self.head(h)
 
     @nn.nowrap
-    def block_module(self) -> GPTBlock:
-        """An unbound :class:`GPTBlock` with this model's settings (apply it per layer)."""
+    def block_module(self, i: int = 0) -> GPTBlock:
+        """An unbound :class:`GPTBlock` with this model's settings (every layer has the same)."""
         return GPTBlock(self.config, self.dtype, self.param_dtype, self.dense_kwargs, parent=None)
+
+    @nn.nowrap
+    def block_layout(self, i: int = 0) -> tuple:
+        """Input groups and scale folds of a block (see :mod:`jaxq.algorithms.layouts`)."""
+        return char_gpt_layout()
 
     @nn.nowrap
     def num_blocks(self) -> int:

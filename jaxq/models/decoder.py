@@ -161,13 +161,13 @@ class _Base(nn.Module):
 
 
 class DecoderAttention(_Base):
-    """Self-attention of layer ``layer``: projections, QK-norm, RoPE, cache write and read."""
+    """Self-attention of a ``kind`` layer: projections, QK-norm, RoPE, cache write and read."""
 
-    layer: int = 0
+    kind: str = "global"
 
     @nn.compact
     def __call__(self, x: jax.Array, at: Attend, cache: kvc.LayerCache | None, kind: str):
-        c, i = self.config, self.layer
+        c, lk = self.config, self.kind
         b, t, _ = x.shape
         hd = c.head_dim
         q = self._dense(c.num_heads * hd, "q_proj", c.qkv_bias)(x).reshape(b, t, c.num_heads, hd)
@@ -175,13 +175,13 @@ class DecoderAttention(_Base):
         v = self._dense(c.num_kv_heads * hd, "v_proj", c.qkv_bias)(x).reshape(b, t, c.num_kv_heads, hd)
         if c.qk_norm:
             q, k = self._norm("q_norm")(q), self._norm("k_norm")(k)
-        inv = rope_inv_freq(hd, c.theta(i), c.scaling(i))
+        inv = rope_inv_freq(hd, c.theta(lk), c.scaling(lk))
         q = apply_rope(q, at.q_pos, inv, c.rope_interleaved)
         k = apply_rope(k, at.q_pos, inv, c.rope_interleaved)
         if cache is not None:
             cache = kvc.write(cache, k, v, at.index, kind)
             k, v = kvc.read(cache, q.dtype)
-        out = attention(q, k, v, at, scale=c.scale_queries, window=c.window(i), cap=c.attn_softcap)
+        out = attention(q, k, v, at, scale=c.scale_queries, window=c.window(lk), cap=c.attn_softcap)
         return self._dense(c.hidden_size, "o_proj")(out.reshape(b, t, c.num_heads * hd)), cache
 
 
@@ -198,16 +198,20 @@ class DecoderMLP(_Base):
 
 
 class DecoderBlock(_Base):
-    """One pre-norm block (Gemma: with post-norms). Standalone: ``block.apply({'params': p}, h)``."""
+    """One pre-norm block (Gemma: with post-norms). Standalone: ``block.apply({'params': p}, h)``.
 
-    layer: int = 0
+    ``kind`` (``"global"`` or ``"sliding"``) sets the attention window and RoPE base, so blocks of
+    one kind are equal modules and share compiled code.
+    """
+
+    kind: str = "global"
 
     @nn.compact
     def __call__(self, h: jax.Array, at: Attend | None = None, cache: kvc.LayerCache | None = None,
                  kind: str = "float"):
         c = self.config
         at = plain_attend(h.shape[0], h.shape[1]) if at is None else at
-        attn = DecoderAttention(c, self.dtype, self.param_dtype, self.dense_kwargs, self.layer, name="attn")
+        attn = DecoderAttention(c, self.dtype, self.param_dtype, self.dense_kwargs, self.kind, name="attn")
         a, new_cache = attn(self._norm("attn_norm")(h), at, cache, kind)
         if c.post_norms:
             a = self._norm("post_attn_norm")(a)
@@ -241,7 +245,8 @@ class Decoder(_Base):
         if not c.tie_word_embeddings:
             self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, self.param_dtype)
         self.layers = [
-            DecoderBlock(c, self.dtype, self.param_dtype, self.dense_kwargs, layer=i) for i in range(c.num_layers)
+            DecoderBlock(c, self.dtype, self.param_dtype, self.dense_kwargs, kind=c.layer_kind(i))
+            for i in range(c.num_layers)
         ]
         self.norm = RMSNorm(c.rms_norm_eps, c.norm_plus_one, self.dtype, self.param_dtype)
         self.lm_head = self._dense(c.vocab_size, "lm_head")
@@ -293,8 +298,9 @@ class Decoder(_Base):
 
     @nn.nowrap
     def block_module(self, i: int = 0) -> DecoderBlock:
-        """An unbound block ``i`` (its window and RoPE base depend on the layer)."""
-        return DecoderBlock(self.config, self.dtype, self.param_dtype, self.dense_kwargs, layer=i, parent=None)
+        """An unbound block ``i`` (its window and RoPE base depend on the layer's kind)."""
+        c = self.config
+        return DecoderBlock(c, self.dtype, self.param_dtype, self.dense_kwargs, kind=c.layer_kind(i), parent=None)
 
     @nn.nowrap
     def block_layout(self, i: int = 0) -> tuple[InputGroup, ...]:
@@ -308,10 +314,11 @@ class Decoder(_Base):
         """
         c = self.config
         return (
-            InputGroup("attn_in", (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj")), NormFold(("attn_norm",))),
+            InputGroup("attn_in", (("attn", "q_proj"), ("attn", "k_proj"), ("attn", "v_proj")),
+                       NormFold(("attn_norm",), c.norm_plus_one)),
             InputGroup("attn_out", (("attn", "o_proj"),),
                        DenseFold(("attn", "v_proj"), c.num_heads // c.num_kv_heads, c.head_dim)),
-            InputGroup("mlp_in", (("mlp", "gate_proj"), ("mlp", "up_proj")), NormFold(("mlp_norm",))),
+            InputGroup("mlp_in", (("mlp", "gate_proj"), ("mlp", "up_proj")), NormFold(("mlp_norm",), c.norm_plus_one)),
             InputGroup("mlp_out", (("mlp", "down_proj"),), DenseFold(("mlp", "up_proj"))),
         )
 

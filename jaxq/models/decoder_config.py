@@ -135,19 +135,19 @@ class DecoderConfig:
         """``"global"`` or ``"sliding"`` for layer ``i``."""
         return self.layer_kinds[i] if self.layer_kinds else "global"
 
-    def window(self, i: int) -> int | None:
-        """Attention window of layer ``i`` (``None`` = the whole causal prefix)."""
-        return self.sliding_window if self.layer_kind(i) == "sliding" else None
+    def window(self, kind: str) -> int | None:
+        """Attention window of a layer of ``kind`` (``None`` = the whole causal prefix)."""
+        return self.sliding_window if kind == "sliding" else None
 
-    def theta(self, i: int) -> float:
-        """RoPE base of layer ``i``."""
-        if self.layer_kind(i) == "sliding" and self.rope_local_theta is not None:
+    def theta(self, kind: str) -> float:
+        """RoPE base of a layer of ``kind``."""
+        if kind == "sliding" and self.rope_local_theta is not None:
             return self.rope_local_theta
         return self.rope_theta
 
-    def scaling(self, i: int) -> RopeScaling | None:
-        """RoPE scaling of layer ``i`` (sliding layers of Gemma 3 have none)."""
-        if self.layer_kind(i) == "sliding" and self.rope_local_theta is not None:
+    def scaling(self, kind: str) -> RopeScaling | None:
+        """RoPE scaling of a layer of ``kind`` (Gemma 3's local layers have none)."""
+        if kind == "sliding" and self.rope_local_theta is not None:
             return None
         return self.rope_scaling
 

@@ -29,10 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxq.algorithms.protocol import DENSE_INPUTS  # the sequential driver's capture collection
 from jaxq.flax import linen as qnn
-
-DENSE_INPUTS = "dense_inputs"
-"""Name of the variable collection that :class:`Dense` sows its inputs into."""
 
 Dtype = Any
 

@@ -51,6 +51,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxq.algorithms.layouts import llama_layout
 from jaxq.models.layers import (
     Dtype,
     RMSNorm,
@@ -210,9 +211,15 @@ class Llama(_Base):
         return self.head(h)
 
     @nn.nowrap
-    def block_module(self) -> LlamaBlock:
-        """An unbound :class:`LlamaBlock` with this model's settings (apply it per layer)."""
+    def block_module(self, i: int = 0) -> LlamaBlock:
+        """An unbound :class:`LlamaBlock` with this model's settings (every layer has the same)."""
         return LlamaBlock(self.config, self.dtype, self.param_dtype, self.dense_kwargs, parent=None)
+
+    @nn.nowrap
+    def block_layout(self, i: int = 0) -> tuple:
+        """Input groups and scale folds of a block (see :mod:`jaxq.algorithms.layouts`)."""
+        c = self.config
+        return llama_layout(c.num_heads, c.num_kv_heads, c.head_dim)
 
     @nn.nowrap
     def num_blocks(self) -> int:
