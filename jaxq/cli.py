@@ -5,6 +5,7 @@
     jaxq run configs/quickstart.yaml            # or: jaxq run quickstart ; python -m jaxq run
     jaxq compare configs/mnist_int8_ptq.yaml    # sweep strategies on one trained model
     jaxq validate configs/*.yaml                # check recipes without running them
+    jaxq lm generate|quantize|eval MODEL ...    # real language models (see jaxq.lm.cli)
 
 A run loads the data (``--data-dir``, else the recipe's ``data.data_dir``, else
 ``$JAXQ_DATA_DIR``), trains the float classifier or loads it from
@@ -26,6 +27,7 @@ from typing import Any, Sequence
 import yaml
 
 from jaxq.data import DatasetNotFoundError
+from jaxq.lm import cli as lm_cli
 from jaxq.io import CheckpointError
 from jaxq.flow import apply_strategy, report_table, run_recipe
 from jaxq.recipe import SHORTHANDS, Recipe, RecipeError, load_recipe, parse_recipe, parse_strategy
@@ -104,7 +106,7 @@ def with_sweep(recipe: Recipe, names: Sequence[str] | None) -> Recipe:
 # --- argument parsing ---------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxq", description="jaxq: quantize a classifier from a YAML recipe.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare,validate}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare,validate,lm}")
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("recipe", nargs="?", default=DEFAULT_RECIPE,
@@ -125,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
                                          f"default: the recipe's list, or {','.join(COMPARE_SWEEP)} plus its own")
     vp = sub.add_parser("validate", help="check recipes without running them")
     vp.add_argument("recipes", nargs="+")
+    lm_cli.add_parser(sub)
     return p
 
 
@@ -135,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxq: error: {msg}", file=sys.stderr)
         return 2
 
+    if args.command == "lm":
+        try:
+            return lm_cli.run(args)
+        except (FileNotFoundError, PermissionError, CheckpointError, ValueError) as e:
+            return err(str(e))
     try:
         if args.command == "validate":
             for name in args.recipes:

@@ -271,14 +271,15 @@ class Decoder(_Base):
         logits = self.lm_head(self.norm(h)).astype(jnp.float32)
         return softcap(logits, self.config.final_softcap)
 
-    def __call__(self, tokens: jax.Array, cache: kvc.KVCache | None = None):
+    def __call__(self, tokens: jax.Array, cache: kvc.KVCache | None = None, last_only: bool = False):
+        """Logits of every position (``last_only``: of the last one, ``[B, 1, V]``)."""
         h = self.embed(tokens)
         b, t = tokens.shape
         if cache is None:
             at = plain_attend(b, t)
             for layer in self.layers:
                 h = layer(h, at)
-            return self.head(h)
+            return self.head(h[:, -1:] if last_only else h)
         k_pos, k_valid = kvc.slot_positions(cache)
         slots = cache.index + jnp.arange(t, dtype=jnp.int32)
         q_pos = jnp.maximum(slots[None, :] - cache.start[:, None], 0)
@@ -289,7 +290,7 @@ class Decoder(_Base):
             h, lc = layer(h, at, lc, cache.kind)
             layers.append(lc)
         new = kvc.KVCache(tuple(layers), cache.index + t, cache.start, cache.kind)
-        return self.head(h), new
+        return self.head(h[:, -1:] if last_only else h), new
 
     # --- the sequential driver's block protocol -------------------------------------------
     @nn.nowrap
