@@ -1,0 +1,133 @@
+"""Writes the benchmark tables into BENCHMARKS.md and README.md from the benchmarks' JSON outputs.
+
+A table lives between two markers in a Markdown file::
+
+    <!-- table:lm_quality -->
+    ... (replaced on every run)
+    <!-- /table:lm_quality -->
+
+Each table name has a renderer below that reads ``benchmarks/results/<file>.json``; a marker
+whose JSON is missing is left as it is and reported. Run it after a benchmark::
+
+    python scripts/render_tables.py            # rewrite the tables
+    python scripts/render_tables.py --check    # exit 1 if a file is out of date (CI-friendly)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+FILES = [ROOT / "BENCHMARKS.md", ROOT / "README.md"]
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    return "\n".join(["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+                     + ["| " + " | ".join(r) + " |" for r in cells[1:]])
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def lm_quality(full: bool) -> str | None:
+    d = _load("lm_quality")
+    if d is None:
+        return None
+    rows = d["rows"]
+    base = next((r for r in rows if r["name"] == "float"), None)
+    out = []
+    for r in rows:
+        if "ppl" not in r:
+            if full:
+                out.append([r["setting"], r["method"], r["library"], "-", "-", "-", "-", "-", "-", "-", r.get("note", "")])
+            continue
+        inc = None if base is None else 100 * (r["ppl"] / base["ppl"] - 1)
+        rss = r.get("peak_rss_bytes")
+        cells = [r["setting"], r["method"], r["library"], _f(r["ppl"], ".3f"), _f(inc, "+.2f") + "%" if inc is not None else "-",
+                 _f(r.get("kl"), ".4f"), _f(r.get("top1"), ".3f"), _f(r.get("block_bits"), ".2f")]
+        if full:
+            cells += [_f(r.get("quantize_s"), ".1f"), "-" if rss is None else f"{rss / 2**30:.2f}", r.get("note", "")]
+        out.append(cells)
+    headers = ["setting", "method", "library", "ppl", "vs float", "KL", "top-1", "block bits/w"]
+    if full:
+        headers += ["quantize s", "peak RSS GiB", "note"]
+    caption = (f"SmolLM2-135M-Instruct, {d['text']}; {d['eval_windows']} held-out windows of {d['seq_len']} tokens, "
+               f"{d['calib_windows']} calibration windows. {d['machine']}; measured {d['date']}.")
+    return caption + "\n\n" + _table(headers, out)
+
+
+def lm_decode(full: bool) -> str | None:
+    d = _load("lm_decode")
+    if d is None:
+        return None
+    out = []
+    for r in d["rows"]:
+        out.append([r["batch"], r["weights"], r["kv_cache"], f"{r['decode_tok_s']:.1f}", f"{r['decode_vs_float']:.2f}x",
+                    f"{r['prefill_tok_s']:.0f}", f"{r['prefill_vs_float']:.2f}x", f"{r['weight_bytes'] / 2**20:.0f}",
+                    f"{r['cache_bytes'] / 2**20:.1f}"])
+    caption = (f"SmolLM2-135M-Instruct, {d['prompt_len']}-token prompt then {d['new_tokens']} new tokens, "
+               f"median of {d['repeats']}. {d['machine']}; measured {d['date']}.")
+    return caption + "\n\n" + _table(["batch", "weights", "KV cache", "decode tok/s", "vs float", "prefill tok/s",
+                                      "vs float", "weights MiB", "cache MiB"], out)
+
+
+RENDERERS: dict[str, Callable[[bool], str | None]] = {
+    "lm_quality": lambda: lm_quality(True),
+    "lm_quality_short": lambda: lm_quality(False),
+    "lm_decode": lambda: lm_decode(True),
+}
+
+_MARK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
+
+
+def render(text: str, missing: list[str]) -> str:
+    def sub(m: re.Match) -> str:
+        name = m.group("name")
+        fn = RENDERERS.get(name)
+        body = fn() if fn else None
+        if body is None:
+            missing.append(name)
+            return m.group(0)
+        return m.group(1) + body + "\n" + m.group(4)
+
+    return _MARK.sub(sub, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="report out-of-date files instead of writing them")
+    args = ap.parse_args(argv)
+    stale = []
+    for f in FILES:
+        missing: list[str] = []
+        old = f.read_text()
+        new = render(old, missing)
+        for m in missing:
+            print(f"{f.name}: no results for table {m!r} (run its benchmark)", file=sys.stderr)
+        if new != old:
+            stale.append(f.name)
+            if not args.check:
+                f.write_text(new)
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)}; run python scripts/render_tables.py", file=sys.stderr)
+        return 1
+    if not args.check:
+        print(f"updated: {', '.join(stale) or 'nothing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
