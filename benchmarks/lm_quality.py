@@ -46,10 +46,10 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "lm_quality.json"
 # name -> (setting, method, library, options)
 ROWS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "float": ("float32", "-", "-", {}),
-    "w4g128-rtn": ("W4 g128", "RTN", "jaxq", dict(method="rtn", spec="int4-g128")),
-    "w4g128-mse": ("W4 g128", "MSE clip", "jaxq", dict(method="mse", spec="int4-g128")),
-    "w4g128-gptq": ("W4 g128", "GPTQ", "jaxq", dict(method="gptq", spec="int4-g128")),
-    "w4g128-awq": ("W4 g128", "AWQ", "jaxq", dict(method="awq", spec="int4-g128")),
+    "w4g128-rtn": ("W4 g128 (g96 where 128 does not divide)", "RTN", "jaxq", dict(method="rtn", spec="int4-g128")),
+    "w4g128-mse": ("W4 g128 (g96 where 128 does not divide)", "MSE clip", "jaxq", dict(method="mse", spec="int4-g128")),
+    "w4g128-gptq": ("W4 g128 (g96 where 128 does not divide)", "GPTQ", "jaxq", dict(method="gptq", spec="int4-g128")),
+    "w4g128-awq": ("W4 g128 (g96 where 128 does not divide)", "AWQ", "jaxq", dict(method="awq", spec="int4-g128")),
     "w3g64-rtn": ("W3 g64", "RTN", "jaxq", dict(method="rtn", spec="int3-g64")),
     "w3g64-gptq": ("W3 g64", "GPTQ", "jaxq", dict(method="gptq", spec="int3-g64")),
     "w8a8-rtn": ("W8A8", "RTN", "jaxq", dict(method="rtn", spec="int8", act_spec="int8")),
@@ -59,9 +59,9 @@ ROWS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
                                                    symmetric=False))),
     "kv-int8": ("KV cache int8", "-", "jaxq", dict(kv_cache="int8")),
     "kv-fp8": ("KV cache fp8 e4m3", "-", "jaxq", dict(kv_cache="fp8")),
-    "qwix-w4g128-rtn": ("W4 g128", "RTN", "qwix", dict(method="RTN", weight_qtype="int4", tile_size=128)),
-    "qwix-w4g128-gptq": ("W4 g128", "GPTQ", "qwix", dict(method="GPTQ", weight_qtype="int4", tile_size=128)),
-    "qwix-w4g128-awq": ("W4 g128", "AWQ", "qwix", dict(method="AWQ", weight_qtype="int4", tile_size=128)),
+    "qwix-w4g128-rtn": ("W4 g128 (g96 where 128 does not divide)", "RTN", "qwix", dict(method="RTN", weight_qtype="int4", tile_size=128)),
+    "qwix-w4g128-gptq": ("W4 g128 (g96 where 128 does not divide)", "GPTQ", "qwix", dict(method="GPTQ", weight_qtype="int4", tile_size=128)),
+    "qwix-w4g128-awq": ("W4 g128 (g96 where 128 does not divide)", "AWQ", "qwix", dict(method="AWQ", weight_qtype="int4", tile_size=128)),
     "qwix-w3g64-rtn": ("W3 g64", "RTN", "qwix", dict(method="RTN", weight_qtype="int3", tile_size=64)),
     "qwix-w3g64-gptq": ("W3 g64", "GPTQ", "qwix", dict(method="GPTQ", weight_qtype="int3", tile_size=64)),
     "qwix-w8a8-rtn": ("W8A8", "RTN", "qwix", dict(method="RTN", weight_qtype="int8", act_qtype="int8")),
@@ -156,7 +156,7 @@ def run_jaxq(name: str, opts: dict[str, Any], float_lm, calib, held_out, args) -
         return res
     spec = opts["spec"]
     spec = QuantSpec(**spec) if isinstance(spec, dict) else spec
-    recipe = Recipe(method=opts["method"], spec=spec, act_spec=opts.get("act_spec"))
+    recipe = Recipe(method=opts["method"], spec=spec, act_spec=opts.get("act_spec"), fit_groups=True)
     t0 = time.perf_counter()
     qlm, _ = jaxq.lm.quantize_lm(float_lm, recipe, calib_tokens=calib, progress=True)
     import jax
@@ -191,16 +191,23 @@ def run_qwix(name: str, opts: dict[str, Any], float_lm, calib, held_out, args) -
         "SmoothQuant": (qsq.SqRule, qsq.SqCalibrationProvider, qsq.quantize_params, qsq.SqInferenceProvider),
     }[method]
     model, params = float_lm.module, float_lm.params
-    rule = rule_cls(module_path=r"layers_\d+/.*", **kw)
+    rules = [rule_cls(module_path=r"layers_\d+/.*", **kw)]
+    if "tile_size" in kw:  # the same per-width group sizes as jaxq's fit_groups (128 does not divide 576)
+        from jaxq.algorithms.sequential import Recipe
+
+        fit = Recipe(spec=f"int4-g{kw['tile_size']}", fit_groups=True).spec_for
+        c = float_lm.config
+        rules = [rule_cls(module_path=r"layers_\d+/mlp/down_proj", **(kw | {"tile_size": fit(c.intermediate_size).group_size})),
+                 rule_cls(module_path=r"layers_\d+/.*", **(kw | {"tile_size": fit(c.hidden_size).group_size}))]
     t0 = time.perf_counter()
-    qm = qwix.quantize_model(model, infer([rule]))
-    ptq_model = qwix.quantize_model(model, qwix.PtqProvider([rule]))
+    qm = qwix.quantize_model(model, infer(rules))
+    ptq_model = qwix.quantize_model(model, qwix.PtqProvider(rules))
     calib = jnp.asarray(calib)
     abs_q = jax.eval_shape(ptq_model.init, jax.random.key(0), calib[:1])["params"]
     if cal_cls is None:
         qp = qwix.quantize_params(params, abs_q)
     else:
-        cm = qwix.quantize_model(model, cal_cls([rule]))
+        cm = qwix.quantize_model(model, cal_cls(rules))
         stats = None
         for i in range(0, calib.shape[0], 4):  # Qwix accumulates its statistics over calls
             variables = {"params": params} if stats is None else {"params": params, "quant_stats": stats}

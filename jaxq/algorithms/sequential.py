@@ -87,6 +87,9 @@ class Recipe:
         the block were quantized (GPTQ's ``--true-sequential``).
       bias_correction: correct the biases of Dense layers that have one.
       skip: regex on ``"layers_{i}/attn/q_proj"``; matching Dense layers stay float.
+      fit_groups: when ``spec``'s group size does not divide a kernel's input axis (128 on a
+        576-wide model), use that kernel's largest divisor below it that is a multiple of 32
+        (else of 8) instead of failing: :meth:`spec_for` says what each width gets.
     """
 
     method: str = "gptq"
@@ -105,6 +108,7 @@ class Recipe:
     true_sequential: bool = True
     bias_correction: bool = False
     skip: str | None = None
+    fit_groups: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -120,6 +124,19 @@ class Recipe:
         object.__setattr__(self, "act_spec", act)
         if self.skip is not None:
             re.compile(self.skip)
+
+    def spec_for(self, k: int) -> QuantSpec:
+        """The weight spec for kernels with ``k`` input rows (see ``fit_groups``)."""
+        spec = self.spec
+        g = spec.group_size
+        if not (self.fit_groups and g and k % g):
+            return spec
+        for step in (32, 8):
+            fits = [d for d in range(step, g, step) if k % d == 0]
+            if fits:
+                return spec.replace(group_size=fits[-1])
+        raise ValueError(f"no group size below {g} divides input width {k}; use per-channel scales or "
+                         f"a divisor of {k}")
 
     @property
     def needs_hessian(self) -> bool:
@@ -280,9 +297,9 @@ def _block_awq_scale(
     candidate with the smallest mean squared block output error on ``h`` wins (``s = 1`` first,
     so ties keep plain rounding).
     """
-    spec = recipe.spec
     ws = [_get(bp, p)["kernel"] for p in group.denses]
     k = int(ws[0].shape[0])
+    spec = recipe.spec_for(k)
     tie, slots = C.check_tie(name, group.tie(k), k)
     cat, _ = C.concat_kernels(ws)
     w_mean = weight_mean(cat, C.weight_layout(spec, cat.shape, name))
@@ -327,9 +344,11 @@ def quantize_block(
     With ``forward=False`` (a recipe without statistics whose output nobody runs) the second
     tree keeps the float kernels and nothing is dequantized.
     """
-    spec = recipe.spec
     bp = _copy_tree(bp)
     losses: dict[str, float] = {}
+
+    def spec_of(g: L.InputGroup) -> QuantSpec:
+        return recipe.spec_for(int(_get(bp, g.denses[0])["kernel"].shape[0]))
 
     def skipped(p):
         return recipe.skip is not None and re.search(recipe.skip, f"{prefix}{'/'.join(p)}") is not None
@@ -350,10 +369,10 @@ def quantize_block(
             if y_ref is not None:
                 s = _block_awq_scale(runner, bp, h, y_ref, g, phase1[g.name], recipe, name)
             elif recipe.method == "awq":
-                s = awq_scale(ws, phase1[g.name], spec, n_grid=recipe.awq_grid, tie=tie,
+                s = awq_scale(ws, phase1[g.name], spec_of(g), n_grid=recipe.awq_grid, tie=tie,
                               duo_scaling=recipe.awq_duo, name=name).input_scale
             else:
-                s = smoothquant(ws, phase1[g.name], spec, alpha=recipe.alpha, tie=tie, name=name).act_divisor
+                s = smoothquant(ws, phase1[g.name], spec_of(g), alpha=recipe.alpha, tie=tie, name=name).act_divisor
             _apply_scale(bp, g, s)
             phase1[g.name] = scale_stats(phase1[g.name], s)
 
@@ -363,11 +382,12 @@ def quantize_block(
     stats_all: dict[str, CalibStats] = {}
     if recipe.needs_stats and not recipe.true_sequential:
         stats_all = phase1 if recipe.method == "smoothquant" else runner.collect(bp, h, layout, recipe.needs_hessian)
-    gspec = spec.replace(range_method="mse") if recipe.gptq_mse and spec.fmt.has_scale else spec
     for g in layout:
         live = [p for p in g.denses if not skipped(p)]
         if not live:
             continue
+        spec = spec_of(g)
+        gspec = spec.replace(range_method="mse") if recipe.gptq_mse and spec.fmt.has_scale else spec
         st = None
         if recipe.method == "smoothquant":
             st = phase1.get(g.name)

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"cannot write {args.out}: folder {out_dir} does not exist")
         if not os.access(out_dir, os.W_OK):
             raise PermissionError(f"cannot write {args.out}: folder {out_dir} is not writable")
-        recipe = Recipe(method=args.method, spec=spec, act_spec=args.activations)
+        recipe = Recipe(method=args.method, spec=spec, act_spec=args.activations, fit_groups=True)
         t0 = time.perf_counter()
         lm = L.load(args.model)
         text = None if args.calib is None else _read_text(args.calib)
