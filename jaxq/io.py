@@ -87,6 +87,7 @@ class _Writer:
                     "group_axis": m.tiling.group_axis,
                     "group_size": m.tiling.group_size,
                     "act_spec": None if m.act_spec is None else dataclasses.asdict(m.act_spec),
+                    "zero_point_domain": m.zero_point_domain,
                     "values": self.array(node.values),
                     "scale": None if node.scale is None else self.array(node.scale),
                     "zero_point": None if node.zero_point is None else self.array(node.zero_point),
@@ -186,7 +187,11 @@ def load(path: str | os.PathLike) -> Any:
             act = q.get("act_spec")
             if act is not None:
                 act = QuantSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in act.items()})
-            meta = QMeta(q["format"], _dtype_from_name(q["dtype"]), tiling, q["symmetric"], q["pack_axis"], act)
+            domain = q.get("zero_point_domain", "code")  # absent from checkpoints written before it existed
+            if domain not in ("code", "value"):
+                raise CheckpointError(f"{path}: unknown zero_point_domain {domain!r} at {where!r}")
+            meta = QMeta(q["format"], _dtype_from_name(q["dtype"]), tiling, q["symmetric"], q["pack_axis"], act,
+                         domain)
             return QArray(
                 array(q["values"], where + "/values"),
                 None if q["scale"] is None else array(q["scale"], where + "/scale"),

@@ -94,6 +94,13 @@ def _preset_rule(weight: str | QuantSpec | None, activation: str | QuantSpec | N
 
 _A8 = QuantSpec("int8", granularity="per_token")
 
+# GGUF's block formats (blocks of 32 along the input axis, fp16 scales): a tree quantized with
+# these presets exports to GGUF without requantization (jaxq.lm.gguf.save_gguf_params).
+_GGUF_Q8_0 = QuantSpec("int8", granularity="per_group", group_size=32, scale_dtype="float16")
+_GGUF_Q4_0 = QuantSpec("int4", granularity="per_group", group_size=32, full_range=True, scale_dtype="float16")
+_GGUF_Q4_1 = QuantSpec("int4", granularity="per_group", group_size=32, symmetric=False,
+                       zero_point_domain="value", scale_dtype="float16")
+
 PRESETS: dict[str, Policy] = {
     name: Policy((rule,), name=name)
     for name, rule in {
@@ -113,6 +120,9 @@ PRESETS: dict[str, Policy] = {
         "w8a8": _preset_rule("int8", _A8),
         "w4a8": _preset_rule("int4", _A8),
         "w4a8-g128": _preset_rule("int4-g128", _A8),
+        "q8_0": _preset_rule(_GGUF_Q8_0),
+        "q4_0": _preset_rule(_GGUF_Q4_0),
+        "q4_1": _preset_rule(_GGUF_Q4_1),
     }.items()
 }
 

@@ -39,6 +39,10 @@ class QMeta:
       act_spec: how the activations that meet this weight in a matmul are
         quantized (W8A8), as chosen by the policy rule; ``None`` for weight-only.
         The ops read it, so a quantized tree carries its own serving recipe.
+      zero_point_domain: ``"code"`` (``x = (c - zp) * s``, ``zp`` an integer on the code grid)
+        or ``"value"`` (``x = (c - qmin) * s + zp``, ``zp`` the real value of the lowest code,
+        as GGUF's Q4_1 stores it). The XLA matmuls of :mod:`jaxq.ops` handle both; the Pallas
+        kernels take code-domain zero points only, so value-domain weights run on XLA.
     """
 
     format: str
@@ -47,6 +51,7 @@ class QMeta:
     symmetric: bool = True
     pack_axis: int | None = None
     act_spec: QuantSpec | None = None
+    zero_point_domain: str = "code"
 
     @property
     def fmt(self) -> Format:
@@ -64,7 +69,8 @@ class QArray:
     """A quantized tensor.
 
     ``dequantize(q) == (codes - zero_point) * scale`` with ``scale`` broadcast by
-    the tiling (codes looked up in the codebook for nf4; a plain cast for bf16/fp16).
+    the tiling (codes looked up in the codebook for nf4; a plain cast for bf16/fp16), or
+    ``(codes - qmin) * scale + zero_point`` for a value-domain zero point (``meta.zero_point_domain``).
     """
 
     __slots__ = ("values", "scale", "zero_point", "meta")
@@ -131,13 +137,32 @@ class QArray:
         codes = self.codes
         scale = tiling.scale_to_grouped(self.scale.astype(jnp.float32))
         zp = None if self.zero_point is None else tiling.scale_to_grouped(self.zero_point)
-        x = codec.decode(tiling.to_grouped(codes), scale, zp, fmt, jnp.float32)
+        x = codec.decode(tiling.to_grouped(codes), scale, zp, fmt, jnp.float32, self.meta.zero_point_domain)
         return x.reshape(self.shape).astype(dtype)
+
+    def code_zero_point(self) -> jax.Array | None:
+        """The zero point on the code grid (stored shape, float32), or None when there is none.
+
+        ``(codes - code_zero_point()) * scale`` equals :meth:`dequantize` up to float rounding,
+        so matmul formulas written for code-domain zero points serve value-domain ones too. For a
+        value-domain zero point it is ``qmin - zero_point / scale`` (a zero scale, which encodes
+        a constant group, gives 0 there; use :meth:`dequantize` where that matters).
+        """
+        if self.zero_point is None:
+            return None
+        if self.meta.zero_point_domain != "value":
+            return self.zero_point
+        qmin = self.meta.fmt.int_range(False)[0]
+        s = self.scale.astype(jnp.float32)
+        safe = jnp.where(s == 0, jnp.ones_like(s), s)
+        return jnp.where(s == 0, 0.0, qmin - self.zero_point.astype(jnp.float32) / safe)
 
     def __repr__(self) -> str:
         t = self.meta.tiling
         gran = f"group={t.group_size}@{t.group_axis}" if t.group_size else f"channels={t.channel_axes}"
         zp = ", zero_point" if self.zero_point is not None else ""
+        if zp and self.meta.zero_point_domain != "code":
+            zp += f"({self.meta.zero_point_domain})"
         return (
             f"QArray({self.meta.format}, shape={self.shape}, dtype={np.dtype(self.dtype).name}, "
             f"{gran}{zp}, nbytes={self.nbytes})"
@@ -198,7 +223,8 @@ def quantize_array(
     if scale is None:
         axes = tiling.reduce_axes(x.ndim)
         lo, hi = ranges.select_range(xg, axes, spec.range_method, fmt, spec.symmetric, spec.percentile, spec.full_range)
-        scale_g, zp_g = codec.scale_and_zero_point(lo, hi, fmt, spec.symmetric, spec.full_range)
+        scale_g, zp_g = codec.scale_and_zero_point(lo, hi, fmt, spec.symmetric, spec.full_range,
+                                                   spec.zero_point_domain)
     else:
         expected = tiling.scale_shape(x.shape)
         if tuple(scale.shape) != expected:
@@ -210,10 +236,12 @@ def quantize_array(
         zp_g = None if zero_point is None else tiling.scale_to_grouped(zero_point.astype(jnp.float32))
         if zp_g is None and not spec.symmetric:
             raise ValueError(f"asymmetric spec for {where or 'tensor'} needs a zero_point with its scale")
-    codes = codec.encode(xg, scale_g, zp_g, fmt, spec.symmetric, spec.full_range).reshape(x.shape)
+    codes = codec.encode(xg, scale_g, zp_g, fmt, spec.symmetric, spec.full_range,
+                         spec.zero_point_domain).reshape(x.shape)
     pack_axis = _choose_pack_axis(x.shape, tiling, fmt.pack_codes) if fmt.packed else None
     values = codes if pack_axis is None else pack_codes(codes, pack_axis, fmt.pack_codes)
     stored_scale = tiling.scale_from_grouped(scale_g).astype(spec.scale_dtype)
     stored_zp = None if zp_g is None else tiling.scale_from_grouped(zp_g).astype(spec.scale_dtype)
-    meta = QMeta(fmt.name, logical_dtype, tiling, spec.symmetric, pack_axis, act_spec)
+    domain = spec.zero_point_domain if stored_zp is not None else "code"
+    meta = QMeta(fmt.name, logical_dtype, tiling, spec.symmetric, pack_axis, act_spec, domain)
     return QArray(values, stored_scale, stored_zp, meta)

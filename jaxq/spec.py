@@ -47,6 +47,10 @@ class QuantSpec:
         for int2). ``None`` (the default) picks full range for int formats of 4 bits or
         fewer and narrow for int8, whose symmetric grid int8 x int8 dots and activation
         quantization rely on. Asymmetric grids always use every code (stored as ``False``).
+      zero_point_domain: where an asymmetric grid's zero point lives: ``"code"`` (an integer on
+        the code grid, ``x = (c - zp) * s``, the range widened to contain 0) or ``"value"``
+        (the real value of the lowest code, ``x = (c - qmin) * s + zp`` with ``zp = min``:
+        GGUF's Q4_1). ``"value"`` applies to asymmetric int formats only.
     """
 
     format: str = "int8"
@@ -59,6 +63,7 @@ class QuantSpec:
     group_axis: int = -2
     scale_dtype: str = "float32"
     full_range: bool | None = None
+    zero_point_domain: str = "code"
 
     def __post_init__(self):
         fmt = get_format(self.format)  # raises on unknown formats, with the list
@@ -79,6 +84,13 @@ class QuantSpec:
             raise ValueError(f"unknown range_method {self.range_method!r}; choose one of {RANGE_METHODS}")
         if not self.symmetric and fmt.kind in ("float", "codebook"):
             raise ValueError(f"format {fmt.name!r} is symmetric only; set symmetric=True or use an int format")
+        if self.zero_point_domain not in ("code", "value"):
+            raise ValueError(f"zero_point_domain must be 'code' or 'value', got {self.zero_point_domain!r}")
+        if self.zero_point_domain == "value" and (fmt.kind != "int" or self.symmetric):
+            raise ValueError(
+                f"zero_point_domain='value' needs an asymmetric int format, not {fmt.name!r} "
+                f"with symmetric={self.symmetric}; set symmetric=False or zero_point_domain='code'"
+            )
         if self.channel_axes is not None:
             object.__setattr__(self, "channel_axes", tuple(int(a) for a in self.channel_axes))
         np.dtype(self.scale_dtype)  # raises on a bad dtype name

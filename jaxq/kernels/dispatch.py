@@ -40,6 +40,8 @@ def unsupported_reason(meta: QMeta, act_spec: QuantSpec | None, k: int, n: int) 
         return f"scales must be per output channel or per group along K, got {t}"
     if meta.pack_axis is not None and fmt.pack_codes != 2:
         return f"{fmt.name} codes are packed {fmt.pack_codes} per {fmt.pack_bytes} byte(s); the kernels take int8 or int4"
+    if meta.zero_point_domain != "code":
+        return "the kernels take code-domain zero points; value-domain ones (GGUF Q4_1) run on XLA"
     if meta.pack_axis not in (None, -2):
         return f"int4 codes must be packed along K (pack_axis=-2), got pack_axis={meta.pack_axis}"
     if act_spec is not None:

@@ -16,6 +16,7 @@ straight to ``jax.lax``. A QArray weight takes the fastest exact route:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Sequence
@@ -26,7 +27,7 @@ import numpy as np
 
 from jaxq.ops.activations import quantize_activation
 from jaxq.ops.qmatmul import qmatmul
-from jaxq.qarray import QArray, QMeta
+from jaxq.qarray import QArray
 from jaxq.spec import QuantSpec
 from jaxq.numerics.tiling import Tiling
 
@@ -58,7 +59,7 @@ def _as_matrix(w: QArray, n_contract: int) -> QArray | None:
     def flat(a):
         return None if a is None else jnp.broadcast_to(a, out_shape).reshape(1, -1)
 
-    meta = QMeta(w.meta.format, w.meta.dtype, Tiling((-1,)), w.meta.symmetric, None)
+    meta = dataclasses.replace(w.meta, tiling=Tiling((-1,)), pack_axis=None, act_spec=None)
     return QArray(w.values.reshape(k, -1), flat(w.scale), flat(w.zero_point), meta)
 
 

@@ -51,6 +51,21 @@ def _check_weight(w: QArray, k: int) -> None:
 
 
 # --- XLA paths ---------------------------------------------------------------------------
+def _scaled(acc: jax.Array, sx: jax.Array | None, scale: jax.Array, w: QArray) -> jax.Array:
+    """``sum_k x_k * w_kn`` from ``acc = x @ codes`` and ``sx = sum_k x_k`` (per group).
+
+    Code-domain zero point: ``(acc - sx * zp) * scale``; value-domain (GGUF Q4_1):
+    ``(acc - qmin * sx) * scale + sx * zp``.
+    """
+    zp = w.zero_point
+    if zp is None:
+        return acc * scale
+    if w.meta.zero_point_domain == "value":
+        qmin = w.meta.fmt.int_range(False)[0]
+        return (acc - qmin * sx) * scale + sx * zp.astype(jnp.float32)
+    return (acc - sx * zp) * scale
+
+
 _CHUNK_ELEMENTS = 64 * 1024  # ~256 KiB of float32 per chunk: stays in L2
 
 
@@ -86,6 +101,7 @@ def _chunked_dequant_matmul(x2: jax.Array, w: QArray, rows: int, out_dtype) -> j
     scale_c, zp_c = per_chunk(w.scale), per_chunk(w.zero_point)
     m = x2.shape[0]
     fmt = w.meta.fmt
+    domain = w.meta.zero_point_domain
     if packed:
         # Byte i holds elements 2i (low nibble) and 2i+1 (high nibble): multiply the
         # even and odd columns of x by the two halves instead of interleaving them.
@@ -107,8 +123,8 @@ def _chunked_dequant_matmul(x2: jax.Array, w: QArray, rows: int, out_dtype) -> j
             sr, zr = rows_scale(si, 2), rows_scale(zi, 2)
             lo = jnp.right_shift(jnp.left_shift(vi, jnp.int8(4)), jnp.int8(4))
             hi = jnp.right_shift(vi, jnp.int8(4))
-            w_lo = codec.decode(lo, sr, zr, fmt, x2.dtype)
-            w_hi = codec.decode(hi, sr, zr, fmt, x2.dtype)
+            w_lo = codec.decode(lo, sr, zr, fmt, x2.dtype, domain)
+            w_hi = codec.decode(hi, sr, zr, fmt, x2.dtype, domain)
             part = jnp.dot(xi[0], w_lo, preferred_element_type=jnp.float32)
             part += jnp.dot(xi[1], w_hi, preferred_element_type=jnp.float32)
         elif codes > 1:
@@ -116,7 +132,7 @@ def _chunked_dequant_matmul(x2: jax.Array, w: QArray, rows: int, out_dtype) -> j
             part = jnp.dot(xi, chunk, preferred_element_type=jnp.float32)
         else:
             sr, zr = rows_scale(si, 1), rows_scale(zi, 1)
-            part = jnp.dot(xi, codec.decode(vi, sr, zr, fmt, x2.dtype), preferred_element_type=jnp.float32)
+            part = jnp.dot(xi, codec.decode(vi, sr, zr, fmt, x2.dtype, domain), preferred_element_type=jnp.float32)
         return acc + part, None
 
     acc0 = jnp.zeros((x2.shape[0], n), jnp.float32)
@@ -143,9 +159,8 @@ def _weight_only_xla(x2: jax.Array, w: QArray, out_dtype) -> jax.Array:
     m, k = x2.shape
     if t.group_size is None:
         acc = jnp.dot(x2, codes, preferred_element_type=jnp.float32)
-        if zp is not None:
-            acc = acc - jnp.sum(x2.astype(jnp.float32), axis=1, keepdims=True) * zp
-        return (acc * scale).astype(out_dtype)
+        sx = None if zp is None else jnp.sum(x2.astype(jnp.float32), axis=1, keepdims=True)
+        return _scaled(acc, sx, scale, w).astype(out_dtype)
     g = t.group_size
     if m > g:  # M partial sums of shape (G, N) would cost more than one dequantized copy
         return jnp.dot(x2, w.dequantize(cdt), preferred_element_type=jnp.float32).astype(out_dtype)
@@ -154,9 +169,8 @@ def _weight_only_xla(x2: jax.Array, w: QArray, out_dtype) -> jax.Array:
         x2, codes = x2.astype(jnp.float32), codes.astype(jnp.float32)
     xg = x2.reshape(m, k // g, g)
     acc = jnp.einsum("mGg,GgN->mGN", xg, codes.reshape(k // g, g, -1), preferred_element_type=jnp.float32)
-    if zp is not None:
-        acc = acc - jnp.sum(xg.astype(jnp.float32), axis=2)[..., None] * zp
-    return jnp.sum(acc * scale, axis=1).astype(out_dtype)
+    sx = None if zp is None else jnp.sum(xg.astype(jnp.float32), axis=2)[..., None]
+    return jnp.sum(_scaled(acc, sx, scale, w), axis=1).astype(out_dtype)
 
 
 def _w8a8_xla(xq: jax.Array, x_scale: jax.Array, w: QArray, out_dtype) -> jax.Array:
@@ -167,16 +181,14 @@ def _w8a8_xla(xq: jax.Array, x_scale: jax.Array, w: QArray, out_dtype) -> jax.Ar
     if t.group_size is None:
         acc = jax.lax.dot_general(xq, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
         acc = acc.astype(jnp.float32)
-        if zp is not None:
-            acc = acc - jnp.sum(xq.astype(jnp.int32), axis=1, keepdims=True).astype(jnp.float32) * zp
-        return (acc * x_scale * scale).astype(out_dtype)
+        sx = None if zp is None else jnp.sum(xq.astype(jnp.int32), axis=1, keepdims=True).astype(jnp.float32)
+        return (_scaled(acc, sx, scale, w) * x_scale).astype(out_dtype)
     g = t.group_size
     xg = xq.reshape(m, k // g, g)
     acc = jnp.einsum("mGg,GgN->mGN", xg, codes.reshape(k // g, g, -1), preferred_element_type=jnp.int32)
     acc = acc.astype(jnp.float32)
-    if zp is not None:
-        acc = acc - jnp.sum(xg.astype(jnp.int32), axis=2)[..., None].astype(jnp.float32) * zp
-    return (jnp.sum(acc * scale, axis=1) * x_scale).astype(out_dtype)
+    sx = None if zp is None else jnp.sum(xg.astype(jnp.int32), axis=2)[..., None].astype(jnp.float32)
+    return (jnp.sum(_scaled(acc, sx, scale, w), axis=1) * x_scale).astype(out_dtype)
 
 
 # --- dispatch ----------------------------------------------------------------------------
