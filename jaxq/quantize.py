@@ -8,6 +8,7 @@ sharding with the reduced axes replicated).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -29,6 +30,14 @@ except AttributeError:  # pragma: no cover
 
 def _is_concrete(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, _Tracer)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _quantize_compiled(x: jax.Array, spec: Any, scale: Any, zero_point: Any, act_spec: Any) -> Any:
+    # One fused computation per (shape, dtype, spec): eager op-by-op quantization writes a
+    # full-size float temporary for every step (divide, round, clip, cast), several times the
+    # tensor's bytes at peak, which is what bounds quantize-at-load memory on large tensors.
+    return quantize_array(x, spec, scale=scale, zero_point=zero_point, act_spec=act_spec)
 
 
 def _check_finite(x: Any, path: str) -> None:
@@ -150,9 +159,13 @@ def quantize(
             _check_finite(leaf, path)
         scale, zp = _lookup_scale(scales, path)
         try:
-            q = quantize_array(
-                leaf, rule.weight, where=path, scale=scale, zero_point=zp, act_spec=rule.activation
-            )
+            if _is_concrete(leaf) and rule.weight.fmt.kind != "none":
+                rule.weight.tiling(shape, path)  # layout errors name the path before compiling
+                q = _quantize_compiled(leaf, rule.weight, scale, zp, rule.activation)
+            else:
+                q = quantize_array(
+                    leaf, rule.weight, where=path, scale=scale, zero_point=zp, act_spec=rule.activation
+                )
         except ValueError as e:
             msg = str(e)
             raise ValueError(msg if path in msg else f"{path} (shape {shape}): {msg}") from None

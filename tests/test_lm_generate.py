@@ -238,8 +238,41 @@ def test_cli_quantize_eval_generate(lms, tmp_path, capsys):
     assert res["kl"] > 0 and 0 < res["top1"] <= 1 and res["bits_per_weight"] < 32
     assert main(["lm", "generate", str(out), "--prompt", "a b", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("a b")
+    # GGUF output needs a BPE tokenizer: refused before any calibration work.
+    assert main(["lm", "quantize", str(folder), "--out", str(tmp_path / "w.gguf"), "--weights", "int4",
+                 "--group-size", "32", "-q"]) == 2
+    assert "GGUF carries BPE tokenizers" in capsys.readouterr().err
+    assert not (tmp_path / "w.gguf").exists()
     # Errors end in one line, before any work.
     assert main(["lm", "quantize", str(folder), "--out", str(tmp_path / "no" / "q.jaxq")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["lm", "quantize", str(folder), "--out", str(tmp_path / "q.gguf"), "--weights", "int3"]) == 2
     assert "--format gguf writes" in capsys.readouterr().err
+
+
+def test_cli_gguf_export_tinystories(tmp_path, capsys):
+    """``--out x.gguf`` writes Q4_0 tensors that load back as the QArrays quantize_lm makes."""
+    import os
+    from pathlib import Path
+
+    from jaxq.cli import main
+
+    data = os.environ.get("JAXQ_DATA_DIR")
+    if not data:
+        pytest.skip("JAXQ_DATA_DIR is unset: needs tinystories_656k/")
+    folder = Path(data) / "tinystories_656k"
+    gg = tmp_path / "q.gguf"
+    assert main(["lm", "quantize", str(folder), "--out", str(gg), "--method", "rtn", "--weights", "int4",
+                 "--group-size", "32", "-q"]) == 0
+    capsys.readouterr()
+    back = jaxq.lm.load(gg)
+    ref = jaxq.lm.load(folder)
+    direct, _ = jaxq.lm.quantize_lm(ref, Recipe("rtn", jaxq.lm.weight_spec("int4", 32, target="gguf")), progress=False)
+    # (q/k rows are written in llama.cpp's permuted order, so only the others compare directly)
+    for path in (("attn", "v_proj"), ("attn", "o_proj"), ("mlp", "down_proj")):
+        k_file = back.params["layers_1"][path[0]][path[1]]["kernel"]
+        k_mem = direct.params["layers_1"][path[0]][path[1]]["kernel"]
+        np.testing.assert_array_equal(np.asarray(k_file.dequantize()), np.asarray(k_mem.dequantize()))
+    tokens = jnp.asarray([ref.encode("Once upon a time")])
+    np.testing.assert_allclose(np.asarray(back(tokens)), np.asarray(direct(tokens)), rtol=1e-4, atol=1e-4)
+    assert back.encode("Once upon a time") == ref.encode("Once upon a time")

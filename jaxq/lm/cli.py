@@ -114,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             _log(f"loaded {args.model} ({lm.config.arch}, {lm.config.num_layers} blocks) in "
                  f"{time.perf_counter() - t0:.1f} s; calibrating on {tokens.size} tokens")
+        if fmt == "gguf":  # refuse what GGUF cannot carry before spending the calibration time
+            from jaxq.lm.gguf_tokenizer import tokenizer_metadata
+
+            tokenizer_metadata(lm.tokenizer, lm.config)
         qlm, _ = L.quantize_lm(lm, recipe, calib_tokens=tokens, progress=not args.quiet)
         if fmt == "gguf":
             L.save_gguf(qlm, args.out)
