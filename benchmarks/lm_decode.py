@@ -53,7 +53,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("set JAXQ_DATA_DIR to the shared data folder (with smollm2_135m/)")
     lm = jaxq.lm.load(Path(data) / "smollm2_135m" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     float_params = jaxq.dequantize(lm.params, jnp.float32)
-    trees = {w: float_params if w == "float32" else jaxq.quantize(float_params, w) for w in args.weights}
+    # 128 does not divide SmolLM2's width 576: "int4-g128" uses groups of 96 on the 576-wide
+    # inputs and 128 on down_proj's 1536 (the group sizes Recipe.fit_groups picks).
+    policies = {
+        "int8": "int8",
+        "int4-g128": jaxq.Policy((jaxq.Rule(r"down_proj/kernel$", "int4-g128"), jaxq.Rule(r"kernel$", "int4-g96"))),
+    }
+    trees = {w: float_params if w == "float32" else jaxq.quantize(float_params, policies.get(w, w))
+             for w in args.weights}
     module = lm.module
     rng = np.random.default_rng(0)
     configs = [(w, "float") for w in args.weights] + [("float32", "int8")]

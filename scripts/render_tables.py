@@ -84,10 +84,27 @@ def lm_decode(full: bool) -> str | None:
                                       "vs float", "weights MiB", "cache MiB"], out)
 
 
-RENDERERS: dict[str, Callable[[bool], str | None]] = {
+def lm_load_memory(full: bool) -> str | None:
+    d = _load("lm_load_memory")
+    if d is None:
+        return None
+    out = [[r["preset"], f"{r['tree_bytes'] / 2**20:.0f}", f"{r['peak_above_base'] / 2**20:.0f}",
+            f"{r['peak_vs_checkpoint']:.2f}x", f"{(r['peak_above_base'] - r['tree_bytes']) / 2**20:.0f}",
+            f"{r['seconds']:.1f}"] for r in d["rows"]]
+    c = d["config"]
+    largest = max(c["vocab_size"] * c["hidden_size"], c["hidden_size"] * c["intermediate_size"]) * 4
+    caption = (f"Random-init Llama-shaped HF checkpoint, {d['parameters'] / 1e6:.0f}M parameters, float32 safetensors "
+               f"of {d['checkpoint_bytes'] / 2**20:.0f} MiB (largest tensor {largest / 2**20:.0f} MiB). "
+               f"{d['machine']}; measured {d['date']}.")
+    return caption + "\n\n" + _table(["load", "tree MiB", "peak RSS above start MiB", "vs checkpoint",
+                                       "peak minus tree MiB", "seconds"], out)
+
+
+RENDERERS: dict[str, Callable[[], str | None]] = {
     "lm_quality": lambda: lm_quality(True),
     "lm_quality_short": lambda: lm_quality(False),
     "lm_decode": lambda: lm_decode(True),
+    "lm_load_memory": lambda: lm_load_memory(True),
 }
 
 _MARK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)

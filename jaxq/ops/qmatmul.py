@@ -140,9 +140,72 @@ def _chunked_dequant_matmul(x2: jax.Array, w: QArray, rows: int, out_dtype) -> j
     return acc.astype(out_dtype)
 
 
+# Integer digits: x = sum_j s_j * q_j with int8 q_j, each digit the rounded residual of the ones
+# before (the error shrinks 254x per digit; three give float32's precision). x @ codes is then
+# int8 x int8 -> int32 dots, which XLA:CPU runs through its fast GEMM for two or more rows, at a
+# quarter of float32's weight bytes and without converting the weights to float at all.
+_DIGITS = 3
+_DIGIT_MAX_ROWS = 16  # decode-sized batches; larger ones amortise one dequantization
+_DIGIT_MAX_GROUPS = 32  # the block-diagonal LHS below has rows x digits x groups rows
+_INT32_SAFE_K = (2**31 - 1) // (127 * 128)  # |sum_k q * c| stays below 2**31
+
+
+def _int_digits(x2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x [M, K]`` -> int8 digits ``[D, M, K]`` and float32 scales ``[D, M, 1]``, ``x ~ sum_d s_d q_d``."""
+    r = x2.astype(jnp.float32)
+    qs, ss = [], []
+    for _ in range(_DIGITS):
+        s = jnp.max(jnp.abs(r), axis=1, keepdims=True) / 127.0
+        s = jnp.where(s > 0, s, 1.0)
+        q = jnp.clip(jnp.round(r / s), -127, 127)
+        qs.append(q.astype(jnp.int8))
+        ss.append(s)
+        r = r - q * s
+    return jnp.stack(qs), jnp.stack(ss)
+
+
+def _digits_matmul_ok(x2: jax.Array, w: QArray) -> bool:
+    t = w.meta.tiling
+    k = w.shape[0]
+    groups = 1 if t.group_size is None else k // t.group_size
+    # Packed codes (int4 and below) stay on the chunked path: unpacking the whole weight on every
+    # call costs more than the integer dot saves.
+    return (jax.default_backend() == "cpu" and x2.dtype == jnp.float32 and w.meta.fmt.kind == "int"
+            and w.meta.pack_axis is None and w.zero_point is None and x2.shape[0] <= _DIGIT_MAX_ROWS
+            and k <= _INT32_SAFE_K and groups <= _DIGIT_MAX_GROUPS)
+
+
+def _digits_matmul(x2: jax.Array, w: QArray, out_dtype) -> jax.Array:
+    """``x @ dequantize(w)`` for symmetric int weights through int8 x int8 -> int32 dots.
+
+    Per-group scales: each digit row is spread over a block-diagonal ``[rows * G, K]`` LHS (zero
+    outside its group), so one 2-D integer dot gives every group's partial sum; the group scales
+    multiply those, then the digits' scales combine them. Non-finite inputs propagate (a NaN or
+    Inf in a row makes that output row NaN) instead of vanishing in the int8 rounding.
+    """
+    m, k = x2.shape
+    t = w.meta.tiling
+    g = t.group_size or k
+    groups = k // g
+    q, s = _int_digits(x2)  # [D, M, K], [D, M, 1]
+    lhs = q.reshape(_DIGITS * m, groups, g)
+    if groups > 1:
+        eye = jnp.eye(groups, dtype=jnp.int8)
+        lhs = lhs[:, :, None, :] * eye[None, :, :, None]  # [DM, G, G, g]
+    lhs = lhs.reshape(_DIGITS * m * groups, k)
+    acc = jax.lax.dot_general(lhs, w.codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    acc = acc.reshape(_DIGITS, m, groups, -1).astype(jnp.float32)
+    scale = w.scale.astype(jnp.float32).reshape(1, 1, -1 if groups > 1 else 1, acc.shape[-1])
+    y = jnp.sum(jnp.sum(acc * scale, axis=2) * s, axis=0)  # [M, N]
+    y = y + 0.0 * jnp.sum(x2.astype(jnp.float32), axis=1, keepdims=True)  # NaN / Inf stay visible
+    return y.astype(out_dtype)
+
+
 def _weight_only_xla(x2: jax.Array, w: QArray, out_dtype) -> jax.Array:
     fmt = w.meta.fmt
     cdt = x2.dtype
+    if _digits_matmul_ok(x2, w):
+        return _digits_matmul(x2, w, out_dtype)
     # Few rows: the weight read dominates, so dequantize it chunk by chunk in cache. Many
     # rows: one full dequantization is amortised, and slicing x into chunks would cost more.
     if jax.default_backend() == "cpu" and x2.dtype == jnp.float32 and fmt.kind != "cast" and x2.shape[0] <= 256:
