@@ -159,7 +159,7 @@ def quantize(
             _check_finite(leaf, path)
         scale, zp = _lookup_scale(scales, path)
         try:
-            if _is_concrete(leaf) and rule.weight.fmt.kind != "none":
+            if _is_concrete(leaf) and rule.weight.fmt.kind != "none" and scale is None:
                 rule.weight.tiling(shape, path)  # layout errors name the path before compiling
                 q = _quantize_compiled(leaf, rule.weight, scale, zp, rule.activation)
             else:
