@@ -54,9 +54,14 @@ ROWS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
     "w3g64-gptq": ("W3 g64", "GPTQ", "jaxq", dict(method="gptq", spec="int3-g64")),
     "w8a8-rtn": ("W8A8", "RTN", "jaxq", dict(method="rtn", spec="int8", act_spec="int8")),
     "w8a8-sq": ("W8A8", "SmoothQuant", "jaxq", dict(method="smoothquant", spec="int8")),
-    "w4g32asym-rtn": ("W4 g32 asym (the file's own grid)", "RTN", "jaxq",
+    # GGUF Q4_1's grid: x = d * q + m with m the group minimum (a value-domain zero point). The
+    # file's weights lie on it, so this row should reproduce the float model.
+    "w4g32asym-rtn": ("W4 g32 asym, value-domain zero point (the file's own Q4_1 grid)", "RTN", "jaxq",
                       dict(method="rtn", spec=dict(format="int4", granularity="per_group", group_size=32,
-                                                   symmetric=False))),
+                                                   symmetric=False, zero_point_domain="value"))),
+    "w4g32asym-code-rtn": ("W4 g32 asym, code-domain zero point (zero exactly representable)", "RTN", "jaxq",
+                           dict(method="rtn", spec=dict(format="int4", granularity="per_group", group_size=32,
+                                                        symmetric=False))),
     "kv-int8": ("KV cache int8", "-", "jaxq", dict(kv_cache="int8")),
     "kv-fp8": ("KV cache fp8 e4m3", "-", "jaxq", dict(kv_cache="fp8")),
     "qwix-w4g128-rtn": ("W4 g128 (g96 where 128 does not divide)", "RTN", "qwix", dict(method="RTN", weight_qtype="int4", tile_size=128)),
