@@ -199,22 +199,26 @@ def _kl(lm, qlm, tokens):
 
 @pytest.mark.parametrize("fam", ["llama3", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_sequential_methods_on_each_architecture(lms, fam):
-    """RTN, GPTQ, AWQ and SmoothQuant run block by block on every family; on the calibration
-    tokens GPTQ's KL from float beats RTN's at 3 bits, AWQ is no worse than RTN, and SmoothQuant
-    W8A8 stays close to float."""
+    """RTN and GPTQ run block by block on every family (AWQ and SmoothQuant on the two with
+    special folds); on the calibration tokens GPTQ's KL from float beats RTN's at 3 bits, AWQ is
+    no worse than RTN, and SmoothQuant W8A8 stays close to float."""
     lm = lms[fam]
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 97, (8, 24)), jnp.int32)
     kls = {}
-    for name, recipe in {"rtn": Recipe("rtn", "int3-g16"), "gptq": Recipe("gptq", "int3-g16"),
-                         "awq": Recipe("awq", "int3-g16", awq_grid=10), "sq": Recipe("smoothquant", "int8")}.items():
+    recipes = {"rtn": Recipe("rtn", "int3-g16"), "gptq": Recipe("gptq", "int3-g16")}
+    if fam in ("qwen2", "gemma2"):  # folds into biased projections and (1 + w) norms; every family's
+        # folds are checked exactly by test_scale_folds_are_exact
+        recipes |= {"awq": Recipe("awq", "int3-g16", awq_grid=10), "sq": Recipe("smoothquant", "int8")}
+    for name, recipe in recipes.items():
         qlm, reports = jaxq.lm.quantize_lm(lm, recipe, calib_tokens=tokens, progress=False)
         assert len(reports) == lm.config.num_layers
         kernel = qlm.params["layers_0"]["attn"]["q_proj"]["kernel"]
         assert isinstance(kernel, jaxq.QArray)
         kls[name] = _kl(lm, qlm, tokens)
     assert kls["gptq"] < kls["rtn"], kls
-    assert kls["awq"] <= kls["rtn"] * 1.05, kls
-    assert kls["sq"] < 0.2 * kls["rtn"], kls
+    if "awq" in kls:
+        assert kls["awq"] <= kls["rtn"] * 1.05, kls
+        assert kls["sq"] < 0.2 * kls["rtn"], kls
 
 
 def test_cli_quantize_eval_generate(lms, tmp_path, capsys):
