@@ -69,6 +69,37 @@ def lm_quality(full: bool) -> str | None:
     return caption + "\n\n" + _table(headers, out)
 
 
+def lm_quality_goals() -> str | None:
+    """The issue's goals, computed from the same JSON: recovery of RTN's perplexity increase etc."""
+    d = _load("lm_quality")
+    if d is None:
+        return None
+    by = {r["name"]: r for r in d["rows"] if "ppl" in r}
+    if "float" not in by:
+        return None
+    f = by["float"]["ppl"]
+
+    def rec(name: str, rtn: str) -> str:
+        if name not in by or rtn not in by:
+            return "not measured"
+        return f"{100 * (by[rtn]['ppl'] - by[name]['ppl']) / (by[rtn]['ppl'] - f):.0f}%"
+
+    def inc(name: str) -> str:
+        return "not measured" if name not in by else f"{100 * (by[name]['ppl'] / f - 1):+.2f}%"
+
+    rows = [
+        ["W4 g128 GPTQ recovers of RTN's perplexity increase", rec("w4g128-gptq", "w4g128-rtn"), ">= 50%"],
+        ["W4 g128 AWQ recovers", rec("w4g128-awq", "w4g128-rtn"), ">= 50%"],
+        ["W3 g64 GPTQ recovers", rec("w3g64-gptq", "w3g64-rtn"), "-"],
+        ["Qwix W4 g128 AWQ recovers", rec("qwix-w4g128-awq", "qwix-w4g128-rtn"), "-"],
+        ["W8A8 SmoothQuant vs float perplexity", inc("w8a8-sq"), "within 1%"],
+        ["W8A8 RTN vs float perplexity", inc("w8a8-rtn"), "-"],
+        ["KV cache int8 vs float perplexity", inc("kv-int8"), "within 0.5%"],
+        ["KV cache fp8 vs float perplexity", inc("kv-fp8"), "-"],
+    ]
+    return _table(["goal", "measured", "target"], rows)
+
+
 def lm_decode(full: bool) -> str | None:
     d = _load("lm_decode")
     if d is None:
@@ -103,6 +134,7 @@ def lm_load_memory(full: bool) -> str | None:
 RENDERERS: dict[str, Callable[[], str | None]] = {
     "lm_quality": lambda: lm_quality(True),
     "lm_quality_short": lambda: lm_quality(False),
+    "lm_quality_goals": lm_quality_goals,
     "lm_decode": lambda: lm_decode(True),
     "lm_load_memory": lambda: lm_load_memory(True),
 }
