@@ -256,11 +256,23 @@ def jaxq_rows(setup: Setup, ref: jax.Array, settings) -> list[Row]:
     return rows
 
 
-def qwix_rows(setup: Setup, ref: jax.Array, settings, gptq_groups: set[int]) -> list[Row]:
+def qwix_method(method: str):
+    """``(rule class, calibration provider, params quantizer, inference provider)`` of a Qwix method."""
     import qwix
     from qwix.contrib import awq as qawq
     from qwix.contrib import gptq as qgptq
     from qwix.contrib import smooth_quant as qsq
+
+    return {
+        "RTN": (qwix.QuantizationRule, None, None, qwix.PtqProvider),
+        "GPTQ": (qgptq.GptqRule, qgptq.GptqCalibrationProvider, qgptq.quantize_params, qwix.PtqProvider),
+        "AWQ": (qawq.AwqRule, qawq.AwqCalibrationProvider, qawq.quantize_params, qawq.AwqInferenceProvider),
+        "SmoothQuant": (qsq.SqRule, qsq.SqCalibrationProvider, qsq.quantize_params, qsq.SqInferenceProvider),
+    }[method]
+
+
+def qwix_rows(setup: Setup, ref: jax.Array, settings, gptq_groups: set[int]) -> list[Row]:
+    import qwix
 
     model, params = setup.model, setup.params
     rows = []
@@ -269,12 +281,7 @@ def qwix_rows(setup: Setup, ref: jax.Array, settings, gptq_groups: set[int]) -> 
         if method == "GPTQ" and kw["weight_qtype"] != "int3" and (group or 0) not in gptq_groups:
             rows.append(Row(setting, method, "qwix", note="skipped (slow on CPU; --qwix-gptq-groups)"))
             continue
-        rule_cls, cal_cls, qfn, infer = {
-            "RTN": (qwix.QuantizationRule, None, None, qwix.PtqProvider),
-            "GPTQ": (qgptq.GptqRule, qgptq.GptqCalibrationProvider, qgptq.quantize_params, qwix.PtqProvider),
-            "AWQ": (qawq.AwqRule, qawq.AwqCalibrationProvider, qawq.quantize_params, qawq.AwqInferenceProvider),
-            "SmoothQuant": (qsq.SqRule, qsq.SqCalibrationProvider, qsq.quantize_params, qsq.SqInferenceProvider),
-        }[method]
+        rule_cls, cal_cls, qfn, infer = qwix_method(method)
         rule = rule_cls(module_path=r"layers_\d+/.*", **kw)
         t0 = time.perf_counter()
         qm = qwix.quantize_model(model, infer([rule]))

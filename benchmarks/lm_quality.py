@@ -177,11 +177,7 @@ def run_qwix(name: str, opts: dict[str, Any], float_lm, calib, held_out, args) -
     import jax
     import jax.numpy as jnp
     import qwix
-    from qwix.contrib import awq as qawq
-    from qwix.contrib import gptq as qgptq
-    from qwix.contrib import smooth_quant as qsq
 
-    import jaxq.lm
     from jaxq.lm.evaluate import _batch_metrics, token_windows
 
     kw = dict(opts)
@@ -189,12 +185,9 @@ def run_qwix(name: str, opts: dict[str, Any], float_lm, calib, held_out, args) -
     for k in ("weight_qtype", "act_qtype"):
         if k in kw and kw[k] in ("int8", "int4"):
             kw[k] = getattr(jnp, kw[k])
-    rule_cls, cal_cls, qfn, infer = {
-        "RTN": (qwix.QuantizationRule, None, None, qwix.PtqProvider),
-        "GPTQ": (qgptq.GptqRule, qgptq.GptqCalibrationProvider, qgptq.quantize_params, qwix.PtqProvider),
-        "AWQ": (qawq.AwqRule, qawq.AwqCalibrationProvider, qawq.quantize_params, qawq.AwqInferenceProvider),
-        "SmoothQuant": (qsq.SqRule, qsq.SqCalibrationProvider, qsq.quantize_params, qsq.SqInferenceProvider),
-    }[method]
+    from benchmarks.llm_quality import qwix_method, tree_bytes
+
+    rule_cls, cal_cls, qfn, infer = qwix_method(method)
     model, params = float_lm.module, float_lm.params
     rules = [rule_cls(module_path=r"layers_\d+/.*", **kw)]
     if "tile_size" in kw:  # the same per-width group sizes as jaxq's fit_groups (128 does not divide 576)
@@ -231,8 +224,6 @@ def run_qwix(name: str, opts: dict[str, Any], float_lm, calib, held_out, args) -
         nll, kl, top1 = nll + float(a), kl + float(b), top1 + float(c)
     n = wins.shape[0] * (wins.shape[1] - 1)
     import math
-
-    from benchmarks.llm_quality import tree_bytes
 
     return dict(ppl=math.exp(nll / n), kl=kl / n, top1=top1 / n, tokens=n, bytes=tree_bytes(qp),
                 block_bits=qwix_block_bits(qp), quantize_s=dt)

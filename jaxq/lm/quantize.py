@@ -15,7 +15,6 @@ import time
 from importlib import resources
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
