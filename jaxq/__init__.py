@@ -6,6 +6,8 @@ QArray pytree) -> ``policy`` / ``quantize`` (tree transforms) -> ``ops`` and
 """
 
 from jaxq import ops
+from jaxq.algorithms.auto_policy import AutoPolicyReport, BitsPerWeight, Bytes, allocate, auto_policy
+from jaxq.algorithms.sensitivity import sensitivity_table
 from jaxq.io import CheckpointError, load, save
 from jaxq.numerics.formats import format_names
 from jaxq.policy import PRESETS, Policy, Rule, as_policy
@@ -17,6 +19,12 @@ from jaxq.ste import fake_quant, fake_quant_lsq, initial_scale
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoPolicyReport",
+    "BitsPerWeight",
+    "Bytes",
+    "allocate",
+    "auto_policy",
+    "sensitivity_table",
     "CheckpointError",
     "PRESETS",
     "Policy",

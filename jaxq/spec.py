@@ -119,6 +119,23 @@ class QuantSpec:
     def bits(self) -> int:
         return self.fmt.bits
 
+    def fit_group(self, length: int) -> "QuantSpec":
+        """This spec with its group size fitted to an axis of ``length`` elements.
+
+        A group size that divides ``length`` (or a spec without groups) is kept; otherwise the
+        largest divisor of ``length`` below it that is a multiple of 32 (else of 8) is used, so
+        ``int4-g128`` on a 576-wide input axis gets groups of 96. Raises when there is none.
+        """
+        g = self.group_size
+        if not g or length % g == 0:
+            return self
+        for step in (32, 8):
+            fits = [d for d in range(step, g, step) if length % d == 0]
+            if fits:
+                return self.replace(group_size=fits[-1])
+        raise ValueError(f"no group size below {g} divides input width {length}; use per-channel scales or "
+                         f"a divisor of {length}")
+
 
 def as_spec(spec: "QuantSpec | str | None") -> "QuantSpec | None":
     """Accepts a spec, a short name (``"int8"``, ``"int4-g128"``, ``"nf4-g64"``), or None."""

@@ -13,17 +13,37 @@ channel, or per group of input rows (int8/int4/int3, nf4, fp8; symmetric or asym
 * :func:`smoothquant` - outlier migration for W8A8 (returns the activation divisor);
 * :func:`bias_correction` - moves the mean output error into the bias (Dense and Conv);
 * :func:`rtn`, :func:`mse_clip` - data-free baselines;
-* :mod:`~jaxq.algorithms.sequential` - block-by-block calibration of whole transformers.
+* :mod:`~jaxq.algorithms.sequential` - block-by-block calibration of whole transformers;
+* :func:`auto_policy` - every layer's format chosen under a size budget, from a
+  :func:`sensitivity_table` and the exact knapsack of :func:`solve_allocation`.
 """
 
+from jaxq.algorithms.allocation import Allocation, solve_allocation
+from jaxq.algorithms.auto_policy import AutoPolicyReport, BitsPerWeight, Bytes, LayerChoice, allocate, auto_policy, policy_objective
 from jaxq.algorithms.awq import AWQResult, AWQScale, awq, awq_scale, awq_scales
 from jaxq.algorithms.baseline import mse_clip, rtn
 from jaxq.algorithms.bias_correction import bias_correction
 from jaxq.algorithms.gptq import GPTQResult, float_target, gptq, inverse_cholesky
+from jaxq.algorithms.sensitivity import SensitivityTable, as_candidates, fisher_diagonal, quantizable_layers, rank_correlation, sensitivity_table
 from jaxq.algorithms.smoothquant import PER_TOKEN_INT8, SmoothQuantResult, smoothing_factors, smoothquant, w8a8_matmul
 from jaxq.algorithms.stats import CalibStats, as_stats, compute_stats, init_stats, merge_stats, scale_stats, update_cross_moment, update_stats
 
 __all__ = [
+    "Allocation",
+    "AutoPolicyReport",
+    "BitsPerWeight",
+    "Bytes",
+    "LayerChoice",
+    "SensitivityTable",
+    "allocate",
+    "as_candidates",
+    "auto_policy",
+    "fisher_diagonal",
+    "policy_objective",
+    "quantizable_layers",
+    "rank_correlation",
+    "sensitivity_table",
+    "solve_allocation",
     "AWQResult",
     "AWQScale",
     "CalibStats",

@@ -127,16 +127,7 @@ class Recipe:
 
     def spec_for(self, k: int) -> QuantSpec:
         """The weight spec for kernels with ``k`` input rows (see ``fit_groups``)."""
-        spec = self.spec
-        g = spec.group_size
-        if not (self.fit_groups and g and k % g):
-            return spec
-        for step in (32, 8):
-            fits = [d for d in range(step, g, step) if k % d == 0]
-            if fits:
-                return spec.replace(group_size=fits[-1])
-        raise ValueError(f"no group size below {g} divides input width {k}; use per-channel scales or "
-                         f"a divisor of {k}")
+        return self.spec.fit_group(k) if self.fit_groups else self.spec
 
     @property
     def needs_hessian(self) -> bool:

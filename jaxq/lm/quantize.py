@@ -10,8 +10,6 @@ block by block. The token embedding and the output head keep the form they were 
 
 from __future__ import annotations
 
-import sys
-import time
 from importlib import resources
 from typing import Any, Callable
 
@@ -23,6 +21,7 @@ from jaxq.algorithms.sequential import METHODS, BlockReport, Recipe, quantize_bl
 from jaxq.lm.evaluate import token_windows
 from jaxq.lm.model import LM
 from jaxq.quantize import dequantize
+from jaxq.progress import Progress
 from jaxq.spec import QuantSpec
 
 GGUF_LAYOUTS = {
@@ -74,32 +73,6 @@ def calibration_tokens(lm: LM, text: str | None = None, *, num_tokens: int = 819
     return token_windows(ids, seq_len, bos, max(1, num_tokens // seq_len))
 
 
-class _Progress:
-    """A tqdm bar on a terminal; one plain line per block otherwise (CI logs, batch jobs)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.enabled, self.total, self.desc = enabled, total, desc
-        self.t0 = time.perf_counter()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="block", file=sys.stderr)
-
-    def step(self, i: int) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-        else:
-            print(f"[jaxq] {self.desc}: block {i + 1}/{self.total} done, {time.perf_counter() - self.t0:.1f} s",
-                  file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def quantize_lm(
     lm: LM,
     recipe: Recipe | None = None,
@@ -129,7 +102,7 @@ def quantize_lm(
     params = dict(lm.params)
     h = P.embed(module, params, jnp.asarray(tokens))
     n = lm.config.num_layers
-    bar = _Progress(n, f"{recipe.method} {recipe.spec.format}", progress)
+    bar = Progress(n, f"{recipe.method} {recipe.spec.format}", progress)
 
     def block(i: int) -> Any:
         return dequantize(P.block_params(params, i), jnp.float32)
