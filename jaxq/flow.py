@@ -4,7 +4,8 @@
 ``data.data_dir``, else ``$JAXQ_DATA_DIR``), trains the float classifier or
 loads it from ``model.checkpoint``, applies every strategy of the recipe to that
 one model (PTQ, or QAT fine-tuning from it; static activation scales are
-calibrated on training batches), evaluates each on the test set, and returns a
+calibrated on training batches; ``method: auto`` lets :func:`jaxq.auto_policy` pick
+every layer's format on training batches), evaluates each on the test set, and returns a
 :class:`jaxq.eval.Report` (also written as JSON and PNG).
 """
 
@@ -14,7 +15,7 @@ import dataclasses
 import os
 import platform
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 import jaxq
 import jaxq.flax
+from jaxq.algorithms.sensitivity import quantizable_layers
 from jaxq.data import Dataset, batches, load_dataset
 from jaxq.eval import (
     Report,
@@ -36,10 +38,13 @@ from jaxq.eval import (
     write_json,
 )
 from jaxq.models.classifiers import build_classifier
+from jaxq.policy import path_str
+from jaxq.qarray import is_qarray
 from jaxq.recipe import Recipe, RecipeError, StrategyConfig
 from jaxq.train import train_float, train_qat
 
-__all__ = ["apply_strategy", "evaluate", "float_params", "load_data", "report_table", "run_recipe"]
+__all__ = ["apply_strategy", "auto_choice_table", "auto_strategy", "evaluate", "float_params", "load_data", "report_table", "run_recipe",
+           "weight_bits"]
 
 Log = Callable[[str], None]
 
@@ -114,6 +119,72 @@ def quantize_jit(variables: Any, policy: Any, scales: Any = None) -> Any:
     return jax.jit(lambda v, s: jaxq.quantize(v, policy, scales=s))(variables, scales)
 
 
+CALIBRATION_BATCH = 128
+"""Examples per calibration batch (static activation scales, auto sensitivities)."""
+
+
+def _calibration_stream(train: Dataset, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled full training batches: the same ones for every strategy of a run."""
+    return batches(train, min(CALIBRATION_BATCH, len(train)), shuffle=True, seed=seed, drop_remainder=True)
+
+
+def weight_bits(variables: Any, float_variables: Any) -> float:
+    """Average stored bits per quantizable weight of ``variables``, scales and zero points included.
+
+    The quantizable weights are those :func:`jaxq.auto_policy` decides (float leaves of rank >= 2
+    of ``float_variables`` but biases and embeddings); their bytes in ``variables`` (quantized or
+    not) come from :func:`jaxq.tree_nbytes`.
+    """
+    layers = quantizable_layers(float_variables)
+    leaves = {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(variables, is_leaf=is_qarray)[0]}
+    nbytes = sum(jaxq.tree_nbytes(leaves[layer.path]) for layer in layers)
+    return 8 * nbytes / sum(layer.size for layer in layers)
+
+
+def auto_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Dataset, *, seed: int,
+                  progress: bool) -> tuple[Any, dict[str, Any]]:
+    """``method: auto``: :func:`jaxq.auto_policy` on ``calibration_batches`` training batches, then quantize.
+
+    The objective is the KL of the model's logits from the float model's (``objective: kl``) or
+    the cross-entropy on the batches' labels (``objective: loss``). ``extra`` gets
+    ``auto_policy`` (:meth:`jaxq.AutoPolicyReport.to_dict`: per-layer choices, sensitivities,
+    seconds) and the achieved ``bits_per_weight``.
+
+    Raises:
+      RecipeError: on ``budget_bits`` when the candidates cannot meet it (or every layer at the
+        largest candidate fits already), on ``candidates`` when none can quantize a layer.
+    """
+    variables = {"params": params}
+    data = list(zip(range(strategy.calibration_batches), _calibration_stream(train, seed)))
+    if not data:
+        raise RecipeError("calibration_batches", f"the training set has {len(train)} examples, too few for one "
+                          "calibration batch; use more training data")
+    if strategy.objective == "loss":
+        calib = [(jnp.asarray(x), jnp.asarray(y)) for _, (x, y) in data]
+
+        def fn(v: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+            logp = jax.nn.log_softmax(model.apply(v, batch[0]).astype(jnp.float32), axis=-1)
+            return -jnp.mean(jnp.take_along_axis(logp, batch[1][:, None].astype(jnp.int32), axis=-1))
+    else:
+        calib = [jnp.asarray(x) for _, (x, _y) in data]
+
+        def fn(v: Any, x: jax.Array) -> jax.Array:
+            return model.apply(v, x)
+
+    candidates = list(strategy.candidates or ())  # names: the report labels layers with them
+    try:
+        table = jaxq.sensitivity_table(fn, variables, calib, candidates=candidates, objective=strategy.objective,
+                                       estimator=strategy.estimator, seed=seed, progress=progress)
+    except ValueError as e:  # a candidate that cannot tile some layer, with nothing else to fall back on
+        raise RecipeError("candidates", str(e)) from None
+    try:
+        policy, report = jaxq.auto_policy(fn, variables, calib, candidates=candidates, budget=strategy.budget_bits,
+                                          objective=strategy.objective, table=table, seed=seed)
+    except ValueError as e:  # the budget is below the cheapest or above the largest choice
+        raise RecipeError("budget_bits", str(e)) from None
+    return quantize_jit(variables, policy), {"auto_policy": report.to_dict(), "bits_per_weight": report.bits_per_weight}
+
+
 def apply_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Dataset, *, seed: int,
                    progress: bool) -> tuple[Any, dict[str, Any]]:
     """The served variables of one strategy (``{"params": ...}`` [+ ``"quant_stats"``]) and extras.
@@ -121,7 +192,10 @@ def apply_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Dat
     PTQ quantizes the trained weights; QAT first fine-tunes them (and LSQ scales)
     with fake quantization, then quantizes with the learned scales. Static
     activation scales are calibrated on ``calibration_batches`` training batches.
+    ``method: auto`` goes to :func:`auto_strategy`.
     """
+    if strategy.method == "auto":
+        return auto_strategy(strategy, model, params, train, seed=seed, progress=progress)
     policy = strategy.policy()
     extra: dict[str, Any] = {}
     if strategy.is_float:
@@ -136,7 +210,7 @@ def apply_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Dat
     variables = quantize_jit({"params": params}, policy, scales)
     if strategy.activation_mode == "static":
         n = strategy.calibration_batches
-        xs = (x for x, _ in batches(train, 128, shuffle=True, seed=seed, drop_remainder=True))
+        xs = (x for x, _ in _calibration_stream(train, seed))
         bar = tqdm(xs, total=n, desc=f"calibrate {strategy.name}", disable=not progress, leave=False, unit="batch")
         limited = (x for i, x in zip(range(n), bar))
         variables = {**variables, jaxq.flax.STATS: jaxq.flax.calibrate(model.apply, variables, limited, policy)}
@@ -147,7 +221,11 @@ def apply_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Dat
 def evaluate(name: str, model: Any, variables: Any, test: Dataset, recipe: Recipe, *, strategy: StrategyConfig | None,
              float_nbytes: int | None, progress: bool, quantize_s: float = 0.0,
              extra: dict[str, Any] | None = None) -> StrategyResult:
-    """Test metrics, bytes and jitted latency of ``variables`` as a :class:`~jaxq.eval.StrategyResult`."""
+    """Test metrics, bytes and jitted latency of ``variables`` as a :class:`~jaxq.eval.StrategyResult`.
+
+    An auto strategy's row has ``bits`` = the bits per weight it achieved (scales included, from
+    ``extra["bits_per_weight"]``), so the plot places it where it really is.
+    """
     e = recipe.eval
     bs = min(e.batch_size, len(test))
     fn = make_predict_fn(model.apply)  # one compilation serves the metrics and the latency
@@ -156,10 +234,11 @@ def evaluate(name: str, model: Any, variables: Any, test: Dataset, recipe: Recip
     lat = measure_latency(fn, variables, test.images[:bs], iters=e.latency_iters, warmup=e.latency_warmup,
                           jit=False)
     nbytes = jaxq.tree_nbytes(variables)
+    is_auto = strategy is not None and strategy.method == "auto"
     return StrategyResult(
         name=name,
-        precision_name="fp32" if strategy is None else strategy.precision,
-        bits=32 if strategy is None else strategy.bits,
+        precision_name="fp32" if strategy is None else ("auto" if is_auto else strategy.precision),
+        bits=32 if strategy is None else (round(extra["bits_per_weight"], 3) if is_auto else strategy.bits),
         activations="float" if strategy is None else strategy.activations,
         method="float" if strategy is None or strategy.is_float else strategy.method,
         accuracy=m["accuracy"], precision=m["precision"], recall=m["recall"], f1=m["f1"],
@@ -203,14 +282,21 @@ def run_recipe(recipe: Recipe, *, data_dir: str | None = None, output_dir: str |
     log(f"float: accuracy {100 * baseline.accuracy:.2f}%")
     out_dir = output_dir or recipe.output_dir
     results = []
-    for s in recipe.strategies:
+    for i, s in enumerate(recipe.strategies):
         if s.is_float:
             results.append(dataclasses.replace(baseline, name=s.name))
             continue
-        log(f"strategy {s.name}: {s.method} {s.precision} weights, {s.activations} activations")
+        log(_describe(s))
         t0 = time.perf_counter()
-        variables, extra = apply_strategy(s, model, params, train, seed=recipe.train.seed, progress=progress)
+        try:
+            variables, extra = apply_strategy(s, model, params, train, seed=recipe.train.seed, progress=progress)
+        except RecipeError as e:  # a setting that only fails on the model (an auto budget it cannot meet)
+            raise e.under(f"strategies[{i}]") from None
         quantize_s = time.perf_counter() - t0
+        extra.setdefault("bits_per_weight", weight_bits(variables, {"params": params}))
+        if "auto_policy" in extra:
+            for line in auto_choice_table(extra["auto_policy"]).splitlines():
+                log(f"strategy {s.name}: {line}")
         r = evaluate(s.name, model, variables, test, recipe, strategy=s, float_nbytes=float_nbytes,
                      progress=progress, quantize_s=quantize_s, extra=extra)
         log(f"strategy {s.name}: accuracy {100 * r.accuracy:.2f}% ({100 * (r.accuracy - baseline.accuracy):+.2f})")
@@ -237,8 +323,32 @@ def run_recipe(recipe: Recipe, *, data_dir: str | None = None, output_dir: str |
     return report
 
 
+def _describe(s: StrategyConfig) -> str:
+    if s.method == "auto":
+        return (f"strategy {s.name}: auto, <= {s.budget_bits:g} bits per weight from {', '.join(s.candidates or ())} "
+                f"({s.estimator} {s.objective} sensitivity on {s.calibration_batches} training batches)")
+    return f"strategy {s.name}: {s.method} {s.precision} weights, {s.activations} activations"
+
+
+def auto_choice_table(info: dict[str, Any]) -> str:
+    """Per-layer choices of an auto strategy from its ``extra["auto_policy"]`` (``AutoPolicyReport.to_dict()``)."""
+    rows = [("path", "params", "format", "bits")]
+    rows += [(r["path"], f"{r['params']:,}", r["choice"], f"{r['bits_per_weight']:.3f}") for r in info["layers"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.rjust(w) if i in (1, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    measured = "not measured" if info["measured"] is None else f"{info['measured']:.4g}"
+    lines.append(f"{info['bits_per_weight']:.3f} bits per weight (budget {info['budget_bits']:.3f}); "
+                 f"{info['objective']} increase predicted {info['predicted']:.4g}, measured {measured}")
+    return "\n".join(lines)
+
+
 def report_table(report: Report) -> str:
-    """The terminal table of a report (baseline deltas and latency ratios)."""
-    return format_table(report.rows(), report.baseline, title=report.info.get("title", ""))
+    """The terminal table of a report (baseline deltas and latency ratios), then each auto strategy's choices."""
+    text = format_table(report.rows(), report.baseline, title=report.info.get("title", ""))
+    for r in report.results:
+        if "auto_policy" in r.extra:
+            text += f"\n\n{r.name}: per-layer formats\n{auto_choice_table(r.extra['auto_policy'])}"
+    return text
 
 

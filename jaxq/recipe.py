@@ -10,6 +10,10 @@ which quantization strategies to apply to it, and where the report goes::
     strategies: [fp32, bf16, int8, int4, int2]     # or one `strategy:` mapping
     output:   {dir: runs/quickstart}
 
+A strategy with ``method: auto`` lets :func:`jaxq.auto_policy` choose every layer's weight
+format from ``candidates`` under an average of ``budget_bits`` bits per weight (scales
+included), e.g. ``{method: auto, budget_bits: 2.5, candidates: [int8, int4, int3, int2]}``.
+
 Validation is strict and happens once, when the recipe is parsed: an unknown
 key or a bad value raises :class:`RecipeError` naming the full dotted path of the
 key (``strategies[2].precision``) and the values that would be accepted. Every
@@ -19,17 +23,20 @@ section is a frozen dataclass, so a parsed recipe cannot drift while it runs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from jaxq.policy import Policy, Rule
+from jaxq.algorithms.sensitivity import ESTIMATORS, OBJECTIVES, Candidate, as_candidates
+from jaxq.policy import PRESETS, Policy, Rule
 from jaxq.spec import QuantSpec
 
 __all__ = [
     "ACTIVATIONS",
     "ARCHS",
+    "AUTO_CANDIDATES",
     "DATASETS",
     "GRANULARITIES",
     "METHODS",
@@ -56,12 +63,15 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4", "int2")
 INT_PRECISIONS = ("int8", "int4", "int2")
-METHODS = ("ptq", "qat")
+METHODS = ("ptq", "qat", "auto")
 ACTIVATIONS = ("float", "int8")
 ACTIVATION_MODES = ("dynamic", "static")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 RANGE_METHODS = ("absmax", "minmax", "percentile", "mse")
 SOURCES = ("auto", "local", "tfds", "download")
+AUTO_CANDIDATES = ("int8", "int4", "int3", "int2")  # per-channel absmax, like the int shorthands
+# Examples for the error message of a bad candidate (any jaxq format name works).
+_CANDIDATE_EXAMPLES = "int8, int4, int3, int2, int4-g32, int3-g64, nf4-g64, bf16, fp8, float (keep the layer)"
 
 # Strings accepted where a strategy mapping is expected (PTQ with default settings).
 SHORTHANDS: dict[str, dict[str, Any]] = {
@@ -188,6 +198,34 @@ def _int_list(lo: int = 1) -> Check:
     return check
 
 
+def _candidate_list(v: Any, key: str) -> tuple[str, ...] | None:
+    """Weight formats an auto strategy may give a layer: at least two distinct jaxq format names."""
+    if v is None:
+        return None
+    if not isinstance(v, (list, tuple)) or not v:
+        raise RecipeError(key, f"got {v!r}; expected a list of at least two weight formats, "
+                          f"e.g. [{', '.join(AUTO_CANDIDATES)}]")
+    for i, c in enumerate(v):
+        if not isinstance(c, str) or not c:
+            raise RecipeError(f"{key}[{i}]", f"got {c!r}; expected a format name: {_CANDIDATE_EXAMPLES}")
+        if c in PRESETS and PRESETS[c].rules[0].activation is not None:
+            raise RecipeError(f"{key}[{i}]", f"{c!r} quantizes activations too; candidates are weight formats: "
+                              f"{_CANDIDATE_EXAMPLES}")
+        try:
+            as_candidates([c])
+        except (ValueError, TypeError):
+            raise RecipeError(f"{key}[{i}]", f"unknown weight format {c!r}; allowed values: {_CANDIDATE_EXAMPLES} "
+                              "(any jaxq format, optionally with -g<group size>)") from None
+    try:
+        labels = [cand.label for cand in as_candidates(v)]
+    except ValueError as e:  # the same format listed twice (e.g. float and fp32)
+        raise RecipeError(key, f"{e}; list each format once") from None
+    if len(labels) < 2:
+        raise RecipeError(key, f"got {list(v)!r}; method 'auto' needs at least two formats to choose between "
+                          "(for one format everywhere use method: ptq with that precision)")
+    return tuple(v)
+
+
 def _field(default: Any, check: Check, doc: str = "") -> Any:
     return dataclasses.field(default=default, metadata={"check": check, "doc": doc})
 
@@ -311,8 +349,9 @@ class StrategyConfig(_Section):
         meet the integer weights in an int8 x int8 -> int32 matmul).
       activation_mode: ``dynamic`` (activation scale per call) or ``static``
         (calibrated once on training batches, then frozen).
-      method: ``ptq`` (quantize the trained weights) or ``qat`` (fine-tune with
-        fake quantization first, see ``qat``).
+      method: ``ptq`` (quantize the trained weights), ``qat`` (fine-tune with
+        fake quantization first, see ``qat``) or ``auto`` (each layer's format chosen by
+        :func:`jaxq.auto_policy` from ``candidates`` under ``budget_bits``).
       granularity: ``per_channel``, ``per_tensor`` or ``per_group`` (int formats).
       group_size: elements per group for ``per_group``.
       range_method: how weight ranges are chosen: ``absmax``, ``minmax``,
@@ -320,8 +359,19 @@ class StrategyConfig(_Section):
       symmetric: symmetric codes (no zero point).
       full_range: symmetric int grid with every code (``[-8, 7]`` for int4) or the narrow one
         (``[-7, 7]``; int2 is then ternary); ``null`` = jaxq's default (full at <= 4 bits).
-      calibration_batches: training batches used to calibrate static activation scales.
+      calibration_batches: training batches used to calibrate static activation scales,
+        and (``method: auto``) to measure the layers' sensitivities.
       qat: fine-tuning settings (``method: qat`` only).
+      budget_bits: ``method: auto`` only (required): average stored bits per quantizable
+        weight, scales included, e.g. ``2.5``.
+      candidates: ``method: auto`` only: formats a layer may take (jaxq format names such as
+        ``int8``, ``int3``, ``int4-g32``, or ``float``); default ``[int8, int4, int3, int2]``.
+      estimator: ``method: auto`` only: ``estimated`` (Fisher, default) or ``measured``.
+      objective: ``method: auto`` only: ``kl`` (of the logits from the float model's, default)
+        or ``loss`` (cross-entropy on the calibration labels).
+
+    ``method: auto`` picks weight formats only, so the other weight settings (``precision``,
+    ``granularity``, ...), int8 activations and ``qat`` keep their defaults there.
     """
 
     name: str | None = _field(None, _str(optional=True))
@@ -336,8 +386,19 @@ class StrategyConfig(_Section):
     full_range: bool | None = _field(None, _optional_bool)
     calibration_batches: int = _field(8, _int(1))
     qat: QatConfig = dataclasses.field(default_factory=QatConfig, metadata={"check": _section(QatConfig)})
+    budget_bits: float | None = _field(None, _float(0.0, open_lo=True, optional=True))
+    candidates: tuple[str, ...] | None = _field(None, _candidate_list)
+    estimator: str | None = _field(None, _choice(ESTIMATORS, optional=True))
+    objective: str | None = _field(None, _choice(OBJECTIVES, optional=True))
 
     def _validate(self) -> None:
+        if self.method == "auto":
+            self._validate_auto()
+        else:
+            for key in _AUTO_KEYS:
+                if getattr(self, key) is not None:
+                    raise RecipeError(key, f"is only used with method 'auto', not {self.method!r}; "
+                                      "remove it or set method: auto")
         is_int = self.precision in INT_PRECISIONS
         if self.method == "qat" and not is_int:
             raise RecipeError("method", f"'qat' needs an integer precision ({', '.join(INT_PRECISIONS)}), "
@@ -357,9 +418,42 @@ class StrategyConfig(_Section):
         if self.name is None:
             object.__setattr__(self, "name", self.default_name())
 
+    def _validate_auto(self) -> None:
+        """``method: auto``: a finite budget the candidates can meet; defaults filled in; no unused keys."""
+        for f in dataclasses.fields(self):
+            if f.name in _AUTO_UNUSED and getattr(self, f.name) != _default(f):
+                raise RecipeError(f.name, "is not used by method 'auto' (it picks each layer's weight format "
+                                  "from `candidates`); remove it")
+        if self.budget_bits is None:
+            raise RecipeError("budget_bits", "method 'auto' needs a budget: average bits per weight, scales "
+                              "included (a number > 0, e.g. budget_bits: 2.5)")
+        if not math.isfinite(self.budget_bits):
+            raise RecipeError("budget_bits", f"got {self.budget_bits}; expected a finite number > 0, e.g. 2.5")
+        if self.candidates is None:
+            object.__setattr__(self, "candidates", AUTO_CANDIDATES)
+        if self.estimator is None:
+            object.__setattr__(self, "estimator", "estimated")
+        if self.objective is None:
+            object.__setattr__(self, "objective", "kl")
+        specs = [c.spec for c in self.auto_candidates()]
+        if None not in specs:  # codes alone take this many bits; scales only add to it
+            least = min(s.bits for s in specs)
+            if self.budget_bits < least:
+                raise RecipeError("budget_bits", f"got {self.budget_bits:g}; the smallest candidate takes {least} "
+                                  f"bits per weight before its scales, so allowed values are above {least} "
+                                  "(or add a smaller candidate)")
+
+    def auto_candidates(self) -> tuple[Candidate, ...]:
+        """``method: auto``: the candidate formats as ``(label, QuantSpec or None)`` pairs."""
+        if self.method != "auto":
+            raise ValueError(f"strategy {self.name!r}: candidates exist for method 'auto' only")
+        return as_candidates(self.candidates or AUTO_CANDIDATES)
+
     @property
-    def bits(self) -> int:
-        """Bits per weight element."""
+    def bits(self) -> float:
+        """Bits per weight element (``method: auto``: the budget; the run reports what it achieved)."""
+        if self.method == "auto":
+            return float(self.budget_bits)  # type: ignore[arg-type]
         return {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}[self.precision]
 
     @property
@@ -373,7 +467,14 @@ class StrategyConfig(_Section):
         Biases stay float. ``activations: int8`` adds an int8 activation spec
         (per token when dynamic, per tensor when static), carried by the
         quantized params into the Flax layers.
+
+        ``method: auto``: the real policy depends on the model and the data and comes from
+        :func:`jaxq.auto_policy` in :func:`jaxq.flow.apply_strategy`; this returns only the
+        upper end of its search (every weight at the first candidate), e.g. for shape checks.
         """
+        if self.method == "auto":
+            first = self.auto_candidates()[0]
+            return Policy((Rule(".*", weight=first.spec, floats_only=True),), name=self.name or self.default_name())
         if self.precision == "fp32":
             weight = None
         elif self.precision in INT_PRECISIONS:
@@ -389,7 +490,14 @@ class StrategyConfig(_Section):
         return Policy((rule,), name=self.name or self.default_name())
 
     def default_name(self) -> str:
-        """``int8``, ``w4a8-qat``, ``int4-g64-mse``, ... (what differs from the defaults)."""
+        """``int8``, ``w4a8-qat``, ``int4-g64-mse``, ``auto-2.5``, ... (what differs from the defaults)."""
+        if self.method == "auto":
+            parts = [f"auto-{self.budget_bits:g}"]
+            if self.estimator == "measured":
+                parts.append("measured")
+            if self.objective == "loss":
+                parts.append("loss")
+            return "-".join(parts)
         if self.precision not in INT_PRECISIONS:
             return self.precision
         base = f"w{self.precision[3:]}a8" if self.activations == "int8" else self.precision
@@ -409,6 +517,16 @@ class StrategyConfig(_Section):
         if self.method == "qat":
             parts.append("qat")
         return "-".join(parts)
+
+
+# Keys of method 'auto' only, and the keys it leaves at their defaults (it picks weight formats only).
+_AUTO_KEYS = ("budget_bits", "candidates", "estimator", "objective")
+_AUTO_UNUSED = ("precision", "activations", "activation_mode", "granularity", "group_size", "range_method",
+                "symmetric", "full_range", "qat")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
 
 
 @dataclasses.dataclass(frozen=True)

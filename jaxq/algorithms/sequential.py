@@ -47,6 +47,7 @@ from jaxq.algorithms.bias_correction import bias_correction
 from jaxq.algorithms.gptq import float_target, gptq
 from jaxq.algorithms.smoothquant import PER_TOKEN_INT8, smoothquant
 from jaxq.algorithms.stats import CalibStats, init_stats, scale_stats, update_cross_moment, update_stats
+from jaxq.policy import Policy
 from jaxq.qarray import QArray
 from jaxq.spec import QuantSpec, as_spec
 
@@ -90,6 +91,11 @@ class Recipe:
       fit_groups: when ``spec``'s group size does not divide a kernel's input axis (128 on a
         576-wide model), use that kernel's largest divisor below it that is a multiple of 32
         (else of 8) instead of failing: :meth:`spec_for` says what each width gets.
+      policy: per-kernel weight specs (e.g. from :func:`jaxq.auto_policy`), looked up with the
+        kernel's path in the model's parameter tree, ``"layers_3/attn/q_proj/kernel"``; it
+        overrides ``spec``, and a kernel it leaves unmatched or at ``weight=None`` stays float.
+        Kernels of one input group with different formats are quantized apart (GPTQ: one run
+        per format on the group's shared Hessian). RTN, MSE clip and GPTQ only.
     """
 
     method: str = "gptq"
@@ -109,6 +115,7 @@ class Recipe:
     bias_correction: bool = False
     skip: str | None = None
     fit_groups: bool = False
+    policy: Policy | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -124,10 +131,25 @@ class Recipe:
         object.__setattr__(self, "act_spec", act)
         if self.skip is not None:
             re.compile(self.skip)
+        if self.policy is not None:
+            if not isinstance(self.policy, Policy):
+                raise TypeError(f"Recipe.policy must be a jaxq.Policy, got {type(self.policy).__name__}")
+            if self.method not in ("rtn", "mse", "gptq"):
+                raise ValueError(f"a per-kernel policy works with methods 'rtn', 'mse' and 'gptq', not "
+                                 f"{self.method!r} (its scale search needs one format per input group)")
 
     def spec_for(self, k: int) -> QuantSpec:
         """The weight spec for kernels with ``k`` input rows (see ``fit_groups``)."""
         return self.spec.fit_group(k) if self.fit_groups else self.spec
+
+    def spec_at(self, path: str, k: int) -> QuantSpec | None:
+        """The weight spec of the kernel at ``path`` with ``k`` input rows (``None``: stays float)."""
+        if self.policy is None:
+            return self.spec_for(k)
+        spec = self.policy.weight_spec(path, 2)
+        if spec is None or spec.fmt.kind == "none":
+            return None
+        return spec.fit_group(k) if self.fit_groups else spec
 
     @property
     def needs_hessian(self) -> bool:
@@ -374,11 +396,11 @@ def quantize_block(
     if recipe.needs_stats and not recipe.true_sequential:
         stats_all = phase1 if recipe.method == "smoothquant" else runner.collect(bp, h, layout, recipe.needs_hessian)
     for g in layout:
-        live = [p for p in g.denses if not skipped(p)]
+        k = int(_get(bp, g.denses[0])["kernel"].shape[0])
+        specs = {p: recipe.spec_at(f"{prefix}{'/'.join(p)}/kernel", k) for p in g.denses if not skipped(p)}
+        live = [p for p, sp in specs.items() if sp is not None]
         if not live:
             continue
-        spec = spec_of(g)
-        gspec = spec.replace(range_method="mse") if recipe.gptq_mse and spec.fmt.has_scale else spec
         st = None
         if recipe.method == "smoothquant":
             st = phase1.get(g.name)
@@ -387,24 +409,34 @@ def quantize_block(
         elif recipe.needs_stats:
             st = runner.collect(fwd, h, [g], recipe.needs_hessian)[g.name] if recipe.true_sequential else stats_all[g.name]
         gname = f"{prefix}{g.name}"
-        kernels = [_get(bp, p)["kernel"] for p in live]
+        targets = {p: _get(bp, p)["kernel"] for p in live}
         if h_float is not None:  # GPTQ's target: the float layer's output on the float inputs
             hq = st.xtx / jnp.maximum(st.count, 1.0)
-            kernels = [float_target(kk, hq, cross, recipe.percdamp).astype(kk.dtype) for kk in kernels]
-        joint: list[Any] | None = None  # GPTQ/AWQ quantize a group's kernels as one matrix
-        if recipe.method == "gptq":
-            r = gptq(kernels, st, gspec, block_size=recipe.block_size, percdamp=recipe.percdamp,
-                     act_order=recipe.act_order, name=gname)
-            joint, losses[gname] = list(r.q), float(r.loss)
-        elif recipe.method == "awq":
-            r = awq(kernels, st, spec, n_grid=1, clip=recipe.awq_clip, name=gname)  # scales folded already
-            joint, losses[gname] = list(r.q), float(r.loss)
-        for j, p in enumerate(live):
+            targets = {p: float_target(kk, hq, cross, recipe.percdamp).astype(kk.dtype) for p, kk in targets.items()}
+        # Kernels of one format are quantized together (GPTQ/AWQ treat them as one matrix).
+        parts: dict[QuantSpec, list[tuple[str, ...]]] = {}
+        for p in live:
+            parts.setdefault(specs[p], []).append(p)
+        joint: dict[tuple[str, ...], Any] = {}
+        for spec, members in parts.items():
+            gspec = spec.replace(range_method="mse") if recipe.gptq_mse and spec.fmt.has_scale else spec
+            kernels = [targets[p] for p in members]
+            if recipe.method == "gptq":
+                r = gptq(kernels, st, gspec, block_size=recipe.block_size, percdamp=recipe.percdamp,
+                         act_order=recipe.act_order, name=gname)
+            elif recipe.method == "awq":
+                r = awq(kernels, st, spec, n_grid=1, clip=recipe.awq_clip, name=gname)  # scales folded already
+            else:
+                continue
+            joint.update(zip(members, r.q))
+            losses[gname] = losses.get(gname, 0.0) + float(r.loss)
+        for p in live:
             d = _get(bp, p)
             w = d["kernel"]
+            spec = specs[p]
             name = f"{prefix}{'/'.join(p)}"
-            if joint is not None:
-                q = joint[j]
+            if p in joint:
+                q = joint[p]
             elif recipe.method == "mse":
                 q = mse_clip(w, spec, name=name)
             else:  # rtn, and smoothquant on its smoothed kernel

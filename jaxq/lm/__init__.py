@@ -8,6 +8,8 @@ with a KV cache; quantize block by block; evaluate; export to GGUF.
     qlm, _ = jaxq.lm.quantize_lm(lm, Recipe("gptq", "int4-g128"))
     print(jaxq.lm.evaluate(qlm, text, reference=lm))                 # ppl, kl, top1, bytes, bits_per_weight
     jaxq.lm.save(qlm, "smollm2-int4.jaxq"); jaxq.lm.save_gguf(qlm_q4_0, "smollm2-q4_0.gguf")
+    policy, report = jaxq.lm.lm_auto_policy(lm, jaxq.BitsPerWeight(4.5))  # per-kernel formats
+    qlm, _ = jaxq.lm.quantize_lm(lm, Recipe("gptq", policy=policy))
 
 Architectures: Llama 2/3 (and SmolLM, TinyLlama, Mistral without sliding window), Qwen2/2.5,
 Qwen3, Gemma 2 and Gemma 3, all through one :class:`~jaxq.models.decoder.Decoder`.
@@ -19,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from jaxq.lm.auto import lm_auto_policy, lm_sensitivity
 from jaxq.lm.checkpoint import is_checkpoint
 from jaxq.lm.checkpoint import load as _load_checkpoint
 from jaxq.lm.checkpoint import save
@@ -114,6 +117,8 @@ __all__ = [
     "evaluate",
     "generate",
     "generate_ids",
+    "lm_auto_policy",
+    "lm_sensitivity",
     "load",
     "quantize_lm",
     "save",

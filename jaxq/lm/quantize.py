@@ -102,7 +102,7 @@ def quantize_lm(
     params = dict(lm.params)
     h = P.embed(module, params, jnp.asarray(tokens))
     n = lm.config.num_layers
-    bar = Progress(n, f"{recipe.method} {recipe.spec.format}", progress)
+    bar = Progress(n, f"{recipe.method} {'per-kernel policy' if recipe.policy else recipe.spec.format}", progress)
 
     def block(i: int) -> Any:
         return dequantize(P.block_params(params, i), jnp.float32)

@@ -1,0 +1,82 @@
+"""Every decoder kernel's format chosen under a size budget (:func:`jaxq.auto_policy` on an LM).
+
+The quantizable layers are the Dense kernels of the decoder blocks (``layers_i/.../kernel``), the
+ones the sequential driver quantizes; the token embedding and output head keep the form they were
+loaded in and are outside the budget. The objective is the mean KL of the next-token
+distributions from the float model's on the calibration windows. The chosen policy then drives
+:func:`jaxq.lm.quantize_lm` (RTN, MSE clip or GPTQ), each kernel in its own format.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxq.algorithms.auto_policy import AutoPolicyReport, Budget, auto_policy
+from jaxq.algorithms.sensitivity import SensitivityTable, sensitivity_table
+from jaxq.lm.model import LM
+from jaxq.lm.quantize import calibration_tokens
+from jaxq.policy import Policy
+from jaxq.quantize import dequantize
+from jaxq.spec import QuantSpec
+
+DEFAULT_CANDIDATES = ("bf16", "int8", "int4-g32", "int4-g128", "int3-g64", "int2-g32")
+BLOCK_KERNELS = r"^layers_\d+/.*kernel$"
+
+
+def _setup(lm: LM, calib_tokens: np.ndarray | None, batch_size: int):
+    tokens = calibration_tokens(lm) if calib_tokens is None else np.asarray(calib_tokens, np.int32)
+    if tokens.ndim != 2 or tokens.shape[0] == 0:
+        raise ValueError(f"calib_tokens must be int32 [N, T] windows with N >= 1, got shape {tokens.shape}")
+    batches = [jnp.asarray(tokens[i : i + batch_size]) for i in range(0, tokens.shape[0], batch_size)]
+    module = lm.module
+    params = dequantize(lm.params, jnp.float32)
+
+    def logits(p: Any, toks: Any) -> Any:
+        return module.apply({"params": p}, toks)
+
+    return logits, params, batches
+
+
+def lm_sensitivity(
+    lm: LM,
+    *,
+    candidates: Sequence[QuantSpec | str | None] = DEFAULT_CANDIDATES,
+    calib_tokens: np.ndarray | None = None,
+    estimator: str = "estimated",
+    groups: Sequence[str | Sequence[str]] | None = None,
+    batch_size: int = 4,
+    progress: bool = True,
+    seed: int = 0,
+) -> SensitivityTable:
+    """The sensitivity table of ``lm``'s block kernels (see :func:`jaxq.sensitivity_table`)."""
+    fn, params, batches = _setup(lm, calib_tokens, batch_size)
+    return sensitivity_table(fn, params, batches, candidates=candidates, objective="kl", estimator=estimator,
+                             groups=groups, include=BLOCK_KERNELS, seed=seed, progress=progress)
+
+
+def lm_auto_policy(
+    lm: LM,
+    budget: Budget | float,
+    *,
+    candidates: Sequence[QuantSpec | str | None] = DEFAULT_CANDIDATES,
+    calib_tokens: np.ndarray | None = None,
+    estimator: str = "estimated",
+    groups: Sequence[str | Sequence[str]] | None = None,
+    table: SensitivityTable | None = None,
+    verify: bool = False,
+    batch_size: int = 4,
+    progress: bool = True,
+    seed: int = 0,
+) -> tuple[Policy, AutoPolicyReport]:
+    """The per-kernel policy for ``lm`` under ``budget`` (bits per weight over the block kernels).
+
+    ``verify=True`` also measures the chosen (round-to-nearest) policy's KL on the calibration
+    windows. Pass ``table`` (from :func:`lm_sensitivity`) to solve several budgets from one pass.
+    """
+    fn, params, batches = _setup(lm, calib_tokens, batch_size)
+    return auto_policy(fn, params, batches, candidates=candidates, budget=budget, objective="kl", groups=groups,
+                       estimator=estimator, include=BLOCK_KERNELS, verify=verify, table=table, seed=seed,
+                       progress=progress)
