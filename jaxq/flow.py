@@ -12,6 +12,7 @@ every layer's format on training batches), evaluates each on the test set, and r
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import platform
 import time
@@ -43,8 +44,8 @@ from jaxq.qarray import is_qarray
 from jaxq.recipe import Recipe, RecipeError, StrategyConfig
 from jaxq.train import train_float, train_qat
 
-__all__ = ["apply_strategy", "auto_choice_table", "auto_strategy", "evaluate", "float_params", "load_data", "report_table", "run_recipe",
-           "weight_bits"]
+__all__ = ["apply_strategy", "auto_choice_table", "auto_strategy", "evaluate", "float_params", "load_data",
+           "report_table", "run_recipe", "weight_bits"]
 
 Log = Callable[[str], None]
 
@@ -155,18 +156,18 @@ def auto_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Data
         largest candidate fits already), on ``candidates`` when none can quantize a layer.
     """
     variables = {"params": params}
-    data = list(zip(range(strategy.calibration_batches), _calibration_stream(train, seed)))
+    data = list(itertools.islice(_calibration_stream(train, seed), strategy.calibration_batches))
     if not data:
         raise RecipeError("calibration_batches", f"the training set has {len(train)} examples, too few for one "
                           "calibration batch; use more training data")
     if strategy.objective == "loss":
-        calib = [(jnp.asarray(x), jnp.asarray(y)) for _, (x, y) in data]
+        calib = [(jnp.asarray(x), jnp.asarray(y)) for x, y in data]
 
         def fn(v: Any, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
             logp = jax.nn.log_softmax(model.apply(v, batch[0]).astype(jnp.float32), axis=-1)
             return -jnp.mean(jnp.take_along_axis(logp, batch[1][:, None].astype(jnp.int32), axis=-1))
     else:
-        calib = [jnp.asarray(x) for _, (x, _y) in data]
+        calib = [jnp.asarray(x) for x, _ in data]
 
         def fn(v: Any, x: jax.Array) -> jax.Array:
             return model.apply(v, x)
@@ -218,6 +219,15 @@ def apply_strategy(strategy: StrategyConfig, model: Any, params: Any, train: Dat
     return variables, extra
 
 
+def _row_bits(strategy: StrategyConfig | None, extra: dict[str, Any] | None) -> float:
+    """Nominal bits of a format; an auto strategy's achieved bits per weight (3 decimals)."""
+    if strategy is None:
+        return 32
+    if strategy.method == "auto":
+        return round((extra or {}).get("bits_per_weight", strategy.bits), 3)
+    return strategy.bits
+
+
 def evaluate(name: str, model: Any, variables: Any, test: Dataset, recipe: Recipe, *, strategy: StrategyConfig | None,
              float_nbytes: int | None, progress: bool, quantize_s: float = 0.0,
              extra: dict[str, Any] | None = None) -> StrategyResult:
@@ -234,11 +244,10 @@ def evaluate(name: str, model: Any, variables: Any, test: Dataset, recipe: Recip
     lat = measure_latency(fn, variables, test.images[:bs], iters=e.latency_iters, warmup=e.latency_warmup,
                           jit=False)
     nbytes = jaxq.tree_nbytes(variables)
-    is_auto = strategy is not None and strategy.method == "auto"
     return StrategyResult(
         name=name,
-        precision_name="fp32" if strategy is None else ("auto" if is_auto else strategy.precision),
-        bits=32 if strategy is None else (round(extra["bits_per_weight"], 3) if is_auto else strategy.bits),
+        precision_name="fp32" if strategy is None else ("auto" if strategy.method == "auto" else strategy.precision),
+        bits=_row_bits(strategy, extra),
         activations="float" if strategy is None else strategy.activations,
         method="float" if strategy is None or strategy.is_float else strategy.method,
         accuracy=m["accuracy"], precision=m["precision"], recall=m["recall"], f1=m["f1"],

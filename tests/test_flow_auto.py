@@ -50,7 +50,7 @@ def test_shipped_auto_recipe():
     r = load_recipe(ROOT / "configs" / "mnist_auto.yaml")
     assert r.data.dataset == "mnist" and r.model.hidden == (128,)
     autos = [s for s in r.strategies if s.method == "auto"]
-    assert [s.budget_bits for s in autos] == [2.5, 3.0]
+    assert [s.budget_bits for s in autos] == [2.5, 3.0, 3.5]
     assert {"fp32", "int2"} <= {s.name for s in r.strategies}
 
 
