@@ -131,12 +131,100 @@ def lm_load_memory(full: bool) -> str | None:
                                        "peak minus tree MiB", "seconds"], out)
 
 
+def _auto_model_name(m: dict[str, Any]) -> str:
+    return {"smollm2": "SmolLM2-135M", "tinystories": "TinyStories-656K"}.get(m["model"], m["model"])
+
+
+def lm_auto(full: bool) -> str | None:
+    d = _load("lm_auto")
+    if d is None:
+        return None
+    parts = []
+    for m in d["models"]:
+        base = {r["method"]: r["kl"] for r in m["rows"] if r["kind"] == "uniform" and r["name"] == "int4-g128"}
+        out = []
+        for r in m["rows"]:
+            if not full and r["kind"] == "auto" and r["method"] == "rtn" and r.get("budget_bits") not in (3.5, 4.5):
+                continue
+            ref = base.get(r["method"])
+            vs = "-" if not ref or r["kind"] == "float" else f"{100 * (r['kl'] / ref - 1):+.0f}%"
+            pred = r.get("predicted_calib_kl")
+            out.append([r["name"], r["method"].upper() if r["method"] != "-" else "-", f"{r['block_bits']:.3f}",
+                        f"{r['ppl']:.3f}", f"{r['kl']:.4f}", vs, f"{r['top1']:.3f}",
+                        "-" if pred is None else f"{pred:.4f}", _f(r.get("calib_kl"), ".4f"),
+                        f"{r['quantize_s']:.0f}"])
+        s_est, s_meas = m["sensitivity_s"]["estimated"], m["sensitivity_s"]["measured"]
+        g = m.get("gptq_int4_s")
+        ratio = "" if not g else (f" One GPTQ int4-g128 run took {g:.0f} s: the estimated pass is {s_est / g:.2f}x "
+                                  f"of it, the measured pass {s_meas / g:.2f}x.")
+        cap = (f"**{_auto_model_name(m)}**: {m['kernels']} block kernels, {m['num_params'] / 1e6:.2f}M weights; "
+               f"calibration {m['calib_shape'][0]} x {m['calib_shape'][1]} tokens (measured sensitivity on "
+               f"{m['measured_calib_shape'][0]} x {m['measured_calib_shape'][1]}). Sensitivity pass: estimated "
+               f"{s_est:.0f} s, measured {s_meas:.0f} s; Spearman rank correlation between the two over every "
+               f"(kernel, quantized candidate): {m['spearman']:.3f}.{ratio}")
+        parts.append(cap + "\n\n" + _table(
+            ["policy", "method", "bits/weight", "ppl", "KL", "KL vs uniform int4-g128", "top-1",
+             "predicted calib KL", "measured calib KL", "quantize s"], out))
+    return f"{d['machine']}; measured {d['date']}.\n\n" + "\n\n".join(parts)
+
+
+def lm_auto_goals() -> str | None:
+    d = _load("lm_auto")
+    if d is None:
+        return None
+    rows = []
+    for m in d["models"]:
+        name = _auto_model_name(m)
+        for method in ("rtn", "gptq"):
+            rs = [r for r in m["rows"] if r["method"] == method]
+
+            def get(kind, pred):
+                return next((r for r in rs if r["kind"] == kind and pred(r)), None)
+
+            uni4 = get("uniform", lambda r: r["name"] == "int4-g128")
+            uni3 = get("uniform", lambda r: r["name"] == "int3-g64")
+            heur = get("heuristic", lambda r: True)
+            a45 = get("auto", lambda r: r.get("budget_bits") == 4.5 and r.get("estimator") == "estimated")
+            a35 = get("auto", lambda r: r.get("budget_bits") == 3.5 and r.get("estimator") == "estimated")
+            ah = get("auto-heuristic-size", lambda r: True)
+            if uni4 and a45:
+                red = 100 * (1 - a45["kl"] / uni4["kl"])
+                rows.append([name, method.upper(), "auto 4.5 bits: KL >= 30% below uniform int4-g128",
+                             f"{a45['kl']:.4f} vs {uni4['kl']:.4f} ({red:.0f}% lower)", "met" if red >= 30 else "not met"])
+            if heur and ah:
+                rows.append([name, method.upper(), "auto at the heuristic's bytes: KL below first+last int8",
+                             f"{ah['kl']:.4f} vs {heur['kl']:.4f} ({ah['block_bits']:.3f} bits)",
+                             "met" if ah["kl"] < heur["kl"] else "not met"])
+            if uni3 and a35:
+                rows.append([name, method.upper(), "auto 3.5 bits: perplexity below uniform int3-g64",
+                             f"{a35['ppl']:.2f} vs {uni3['ppl']:.2f}", "met" if a35["ppl"] < uni3["ppl"] else "not met"])
+    return _table(["model", "method", "goal", "measured", "status"], rows)
+
+
+def auto_mnist() -> str | None:
+    d = _load("auto_mnist")
+    if d is None:
+        return None
+    out = []
+    for s in sorted(d["strategies"], key=lambda s: s["bits_per_weight"]):
+        layers = ", ".join(f"{r['path'].split('/')[-2]} {r['choice']}" for r in s.get("layers", []))
+        out.append([s["name"], f"{s['bits_per_weight']:.3f}", f"{100 * s['accuracy']:.2f}%", layers or "-",
+                    _f(s.get("sensitivity_s"), ".1f")])
+    cap = (f"MNIST MLP 784-128-10 through `jaxq run {d['recipe']}` (float {100 * d['float_accuracy']:.2f}%); "
+           f"bits per weight over the kernels, scales included. {d['machine']}; measured {d['date']}.")
+    return cap + "\n\n" + _table(["strategy", "bits/weight", "test accuracy", "per-layer formats", "sensitivity s"], out)
+
+
 RENDERERS: dict[str, Callable[[], str | None]] = {
     "lm_quality": lambda: lm_quality(True),
     "lm_quality_short": lambda: lm_quality(False),
     "lm_quality_goals": lm_quality_goals,
     "lm_decode": lambda: lm_decode(True),
     "lm_load_memory": lambda: lm_load_memory(True),
+    "lm_auto": lambda: lm_auto(True),
+    "lm_auto_short": lambda: lm_auto(False),
+    "lm_auto_goals": lm_auto_goals,
+    "auto_mnist": auto_mnist,
 }
 
 _MARK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
