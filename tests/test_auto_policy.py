@@ -214,3 +214,22 @@ def test_bad_input(fragile):
                          estimator="measured")
     with pytest.raises(ValueError, match="positive number of bits"):
         jaxq.BitsPerWeight(-1)
+
+
+@pytest.mark.parametrize("estimator", ["measured", "estimated"])
+def test_loss_objective_for_a_classifier(fragile, estimator):
+    """``objective="loss"``: a scalar loss on (inputs, labels) batches; the fragile layer still wins bits."""
+    params, fn, batches, _ = fragile
+    labelled = [(x, jnp.argmax(fn(params, x), -1)) for x in batches]
+
+    def loss(p, batch):
+        x, y = batch
+        logp = jax.nn.log_softmax(fn(p, x), -1)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], -1))
+
+    policy, report = jaxq.auto_policy(loss, params, labelled, candidates=CANDIDATES, budget=4.5, objective="loss",
+                                      estimator=estimator)
+    bits = {r.path: r.bits_per_weight for r in report.layers}
+    assert bits[FRAGILE] == max(bits.values()) > 4.5, report.table()
+    assert report.objective == "loss" and report.measured is not None
+    assert report.measured < policy_objective(loss, params, labelled, jaxq.PRESETS["int4"], objective="loss")
