@@ -126,3 +126,20 @@ def test_cli_budget_bits(lm, tmp_path, capsys):
                  "--candidates", ",".join(CANDS), "--calib", str(text), "--calib-tokens", "64", "--seq-len", "32",
                  "-q"]) == 2
     assert "below the smallest candidates" in capsys.readouterr().err
+
+
+def test_gptq_aware_table_scales_by_gptq_error_ratios(lm):
+    """GPTQ minimises the Hessian-weighted output error, so its error is below round-to-nearest's
+    for the int formats (ratio < 1), and casts (bf16) keep their value (ratio 1)."""
+    from jaxq.algorithms.gptq_sensitivity import gptq_error_ratios
+
+    tokens = _tokens()
+    cands = ("bf16", "int4-g16", "int3-g16")
+    plain = jaxq.lm.lm_sensitivity(lm, candidates=cands, calib_tokens=tokens, progress=False)
+    aware = jaxq.lm.lm_sensitivity(lm, candidates=cands, calib_tokens=tokens, progress=False, gptq_aware=True)
+    assert aware.estimator == "estimated+gptq"
+    params = jaxq.dequantize(lm.params)
+    ratios = gptq_error_ratios(lm.module, params, jnp.asarray(tokens), plain)
+    np.testing.assert_allclose(aware.values, plain.values * ratios, rtol=1e-6)
+    assert np.all(ratios[:, 0] == 1.0)
+    assert np.all(ratios[:, 1:] < 1.0), ratios

@@ -9,12 +9,15 @@ distributions from the float model's on the calibration windows. The chosen poli
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxq.algorithms.auto_policy import AutoPolicyReport, Budget, auto_policy
+from jaxq.algorithms.gptq_sensitivity import gptq_aware as with_gptq_ratios
+from jaxq.algorithms.gptq_sensitivity import gptq_error_ratios
 from jaxq.algorithms.sensitivity import SensitivityTable, sensitivity_table
 from jaxq.lm.model import LM
 from jaxq.lm.quantize import calibration_tokens
@@ -37,7 +40,7 @@ def _setup(lm: LM, calib_tokens: np.ndarray | None, batch_size: int):
     def logits(p: Any, toks: Any) -> Any:
         return module.apply({"params": p}, toks)
 
-    return logits, params, batches
+    return logits, params, batches, tokens
 
 
 def lm_sensitivity(
@@ -50,11 +53,23 @@ def lm_sensitivity(
     batch_size: int = 4,
     progress: bool = True,
     seed: int = 0,
+    gptq_aware: bool = False,
 ) -> SensitivityTable:
-    """The sensitivity table of ``lm``'s block kernels (see :func:`jaxq.sensitivity_table`)."""
-    fn, params, batches = _setup(lm, calib_tokens, batch_size)
-    return sensitivity_table(fn, params, batches, candidates=candidates, objective="kl", estimator=estimator,
-                             groups=groups, include=BLOCK_KERNELS, seed=seed, progress=progress)
+    """The sensitivity table of ``lm``'s block kernels (see :func:`jaxq.sensitivity_table`).
+
+    ``gptq_aware=True`` scales every value by how much GPTQ shrinks that kernel's output error in
+    that format (:mod:`jaxq.algorithms.gptq_sensitivity`): the table to allocate with when GPTQ
+    will quantize the model. It costs one GPTQ solve per kernel and candidate.
+    """
+    fn, params, batches, tokens = _setup(lm, calib_tokens, batch_size)
+    table = sensitivity_table(fn, params, batches, candidates=candidates, objective="kl", estimator=estimator,
+                              groups=groups, include=BLOCK_KERNELS, seed=seed, progress=progress)
+    if gptq_aware:
+        t0 = time.perf_counter()
+        ratios = gptq_error_ratios(lm.module, params, jnp.asarray(tokens), table, batch_size=batch_size,
+                                   progress=progress)
+        table = with_gptq_ratios(table, ratios, time.perf_counter() - t0)
+    return table
 
 
 def lm_auto_policy(
@@ -70,13 +85,19 @@ def lm_auto_policy(
     batch_size: int = 4,
     progress: bool = True,
     seed: int = 0,
+    gptq_aware: bool = False,
 ) -> tuple[Policy, AutoPolicyReport]:
     """The per-kernel policy for ``lm`` under ``budget`` (bits per weight over the block kernels).
 
     ``verify=True`` also measures the chosen (round-to-nearest) policy's KL on the calibration
-    windows. Pass ``table`` (from :func:`lm_sensitivity`) to solve several budgets from one pass.
+    windows. Pass ``table`` (from :func:`lm_sensitivity`) to solve several budgets from one pass;
+    ``gptq_aware`` as in :func:`lm_sensitivity` (for a model GPTQ will quantize).
     """
-    fn, params, batches = _setup(lm, calib_tokens, batch_size)
+    if table is None:
+        table = lm_sensitivity(lm, candidates=candidates, calib_tokens=calib_tokens, estimator=estimator,
+                               groups=groups, batch_size=batch_size, progress=progress, seed=seed,
+                               gptq_aware=gptq_aware)
+    fn, params, batches, _ = _setup(lm, calib_tokens, batch_size)
     return auto_policy(fn, params, batches, candidates=candidates, budget=budget, objective="kl", groups=groups,
                        estimator=estimator, include=BLOCK_KERNELS, verify=verify, table=table, seed=seed,
                        progress=progress)
