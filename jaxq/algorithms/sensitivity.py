@@ -314,25 +314,33 @@ class Evaluator:
         return total / len(self.batches)
 
 
+def _fill(items, candidates, specs, score: Callable[[tuple[Layer, ...], tuple[QuantSpec, ...]], float],
+          bar: Progress | None = None) -> np.ndarray:
+    """``[items, candidates]``: ``score(item, per-layer specs)`` where the candidate applies, 0 for
+    keeping float, NaN where it cannot tile the item."""
+    values = np.full((len(items), len(candidates)), np.nan)
+    for i, item in enumerate(items):
+        for c, cand in enumerate(candidates):
+            per = specs[i][c]
+            if per is not None:
+                values[i, c] = 0.0 if cand.spec is None else score(item, per)
+        if bar is not None:
+            bar.step(i)
+    return values
+
+
 def measured_values(ev: Evaluator, tree: _Tree, items, candidates, specs, progress: bool) -> np.ndarray:
     """Objective increase with only item ``i`` quantized to candidate ``c`` (everything else float)."""
-    values = np.full((len(items), len(candidates)), np.nan)
+
+    def score(item, per):
+        new = {layer.path: _fake_quant(tree.get(layer.path), s) for layer, s in zip(item, per)}
+        return ev(tree.with_leaves(new)) - ev.baseline
+
     bar = Progress(len(items), "sensitivity (measured)", progress, unit="layer")
     try:
-        for i, item in enumerate(items):
-            for c, cand in enumerate(candidates):
-                per = specs[i][c]
-                if per is None:
-                    continue
-                if cand.spec is None:
-                    values[i, c] = 0.0
-                    continue
-                new = {layer.path: _fake_quant(tree.get(layer.path), s) for layer, s in zip(item, per)}
-                values[i, c] = ev(tree.with_leaves(new)) - ev.baseline
-            bar.step(i)
+        return _fill(items, candidates, specs, score, bar)
     finally:
         bar.close()
-    return values
 
 
 def fisher_diagonal(
@@ -405,21 +413,15 @@ def _weighted_error(fisher: jax.Array, w: jax.Array, wq: jax.Array) -> jax.Array
 
 def estimated_values(fisher: dict[str, jax.Array], tree: _Tree, items, candidates, specs) -> np.ndarray:
     """``1/2 sum F (Q(W) - W)^2`` per (item, candidate), summed over a group's layers."""
-    values = np.full((len(items), len(candidates)), np.nan)
-    for i, item in enumerate(items):
-        for c, cand in enumerate(candidates):
-            per = specs[i][c]
-            if per is None:
-                continue
-            if cand.spec is None:
-                values[i, c] = 0.0
-                continue
-            total = 0.0
-            for layer, s in zip(item, per):
-                w = tree.get(layer.path)
-                total += float(_weighted_error(fisher[layer.path], w, _fake_quant(w, s)))
-            values[i, c] = total
-    return values
+
+    def score(item, per):
+        total = 0.0
+        for layer, s in zip(item, per):
+            w = tree.get(layer.path)
+            total += float(_weighted_error(fisher[layer.path], w, _fake_quant(w, s)))
+        return total
+
+    return _fill(items, candidates, specs, score)
 
 
 def sensitivity_table(
