@@ -45,6 +45,9 @@ class Rule:
     floats_only: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"rule pattern must be a regular expression string, got {type(self.pattern).__name__} "
+                            f"{self.pattern!r}; e.g. Rule(r'Dense_0/kernel$', 'int8')")
         try:
             re.compile(self.pattern)
         except re.error as e:

@@ -130,11 +130,19 @@ def quantize(
     used: set[int] = set()
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_qarray)
     out = []
+    seen_paths: set[str] = set()
     for key_path, leaf in leaves:
-        if is_qarray(leaf) or leaf is None:
+        path = path_str(key_path)
+        seen_paths.add(path)
+        if is_qarray(leaf):  # already quantized: a no-op, but the rule that matches it counts as used
+            hit = next((i for i, r in enumerate(policy.rules) if r.matches(path, len(leaf.shape))), None)
+            if hit is not None:
+                used.add(hit)
             out.append(leaf)
             continue
-        path = path_str(key_path)
+        if leaf is None:
+            out.append(leaf)
+            continue
         shape = tuple(np.shape(leaf))
         rule_index = next((i for i, r in enumerate(policy.rules) if r.matches(path, len(shape))), None)
         if rule_index is None:
@@ -172,6 +180,11 @@ def quantize(
         if isinstance(q, QArray) and isinstance(leaf, jax.Array) and _is_concrete(leaf):
             q = _keep_sharding(q, leaf)
         out.append(q)
+    if scales:
+        unmatched = sorted(set(scales) - seen_paths)
+        if unmatched:
+            raise ValueError(f"scales= has paths that match no leaf of this tree: {unmatched[:8]}; paths here look "
+                             f"like {sorted(seen_paths)[:6]} (learned scales would otherwise be silently dropped)")
     if strict:
         unused = [r.pattern for i, r in enumerate(policy.rules) if i not in used]
         if unused:
@@ -205,8 +218,13 @@ def summarize(tree: PyTree) -> str:
     """A plain-text table: path, format, shape, bytes (for logs and the command line)."""
     rows = [("path", "format", "shape", "bytes")]
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qarray)[0]:
-        fmt = leaf.format if is_qarray(leaf) else np.dtype(leaf.dtype).name
-        nb = leaf.nbytes if is_qarray(leaf) else int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
-        rows.append((path_str(key_path), fmt, str(tuple(leaf.shape)), f"{nb:,}"))
+        if is_qarray(leaf):
+            fmt, shape, nb = leaf.format, tuple(leaf.shape), leaf.nbytes
+        elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
+            shape = tuple(leaf.shape)
+            fmt, nb = np.dtype(leaf.dtype).name, int(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+        else:  # Python scalars, strings, ... (config values kept in a tree)
+            fmt, shape, nb = type(leaf).__name__, (), 0
+        rows.append((path_str(key_path), fmt, str(shape), f"{nb:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

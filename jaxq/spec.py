@@ -75,8 +75,10 @@ class QuantSpec:
         object.__setattr__(self, "full_range", bool(full and self.symmetric))
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown granularity {self.granularity!r}; choose one of {GRANULARITIES}")
+        if isinstance(self.group_size, np.integer):  # np.int64(32) from a shape computation is fine
+            object.__setattr__(self, "group_size", int(self.group_size))
         if self.granularity == "per_group":
-            if not isinstance(self.group_size, int) or self.group_size <= 0:
+            if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0:
                 raise ValueError(f"per_group needs a positive integer group_size, got {self.group_size!r}")
         elif self.group_size is not None:
             raise ValueError(f"group_size={self.group_size} needs granularity='per_group', not {self.granularity!r}")
@@ -92,7 +94,14 @@ class QuantSpec:
                 f"with symmetric={self.symmetric}; set symmetric=False or zero_point_domain='code'"
             )
         if self.channel_axes is not None:
-            object.__setattr__(self, "channel_axes", tuple(int(a) for a in self.channel_axes))
+            axes = tuple(self.channel_axes)
+            bad = [a for a in axes if isinstance(a, bool) or not isinstance(a, (int, np.integer))]
+            if bad:
+                raise ValueError(f"channel_axes must be integer axes, got {bad} in {axes!r}; e.g. channel_axes=(0, -1)")
+            object.__setattr__(self, "channel_axes", tuple(int(a) for a in axes))
+        if isinstance(self.group_axis, bool) or not isinstance(self.group_axis, (int, np.integer)):
+            raise ValueError(f"group_axis must be an integer axis, got {self.group_axis!r}; -2 is a Dense kernel's input axis")
+        object.__setattr__(self, "group_axis", int(self.group_axis))
         np.dtype(self.scale_dtype)  # raises on a bad dtype name
 
     @property
@@ -142,8 +151,11 @@ def as_spec(spec: "QuantSpec | str | None") -> "QuantSpec | None":
     if spec is None or isinstance(spec, QuantSpec):
         return spec
     if isinstance(spec, str):
-        name, _, group = spec.partition("-g")
-        if group:
+        name, sep, group = spec.partition("-g")
+        if sep:
+            if not group.isdigit() or int(group) <= 0:
+                raise ValueError(f"spec name {spec!r}: the group size after '-g' must be a positive integer, "
+                                 f"e.g. '{name}-g128'")
             return QuantSpec(format=name, granularity="per_group", group_size=int(group))
         return QuantSpec(format=name)
     raise TypeError(f"expected a QuantSpec or a format name, got {type(spec).__name__}")
