@@ -106,6 +106,9 @@ def with_sweep(recipe: Recipe, names: Sequence[str] | None) -> Recipe:
 # --- argument parsing ---------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxq", description="jaxq: quantize a classifier from a YAML recipe.")
+    from jaxq import __version__
+
+    p.add_argument("--version", action="version", version=f"jaxq {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{run,compare,validate,lm}")
 
     def common(sp: argparse.ArgumentParser) -> None:

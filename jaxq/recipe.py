@@ -187,6 +187,20 @@ def _str(optional: bool = False) -> Check:
     return check
 
 
+def _file_name(optional: bool = False) -> Check:
+    """A name that becomes part of a file name (report, saved model): no folders, no ``..``."""
+    base = _str(optional)
+
+    def check(v: Any, key: str) -> Any:
+        v = base(v, key)
+        if v is not None and ("/" in v or "\\" in v or v in (".", "..") or v.startswith(".")):
+            raise RecipeError(key, f"got {v!r}; names become file names in the output folder, so they may not "
+                              "contain '/' or '\\' or start with '.' (e.g. 'mnist_int4')")
+        return v
+
+    return check
+
+
 def _int_list(lo: int = 1) -> Check:
     def check(v: Any, key: str) -> tuple[int, ...]:
         if isinstance(v, int) and not isinstance(v, bool):
@@ -374,7 +388,7 @@ class StrategyConfig(_Section):
     ``granularity``, ...), int8 activations and ``qat`` keep their defaults there.
     """
 
-    name: str | None = _field(None, _str(optional=True))
+    name: str | None = _field(None, _file_name(optional=True))
     precision: str = _field("int8", _choice(PRECISIONS))
     activations: str = _field("float", _choice(ACTIVATIONS))
     activation_mode: str = _field("dynamic", _choice(ACTIVATION_MODES))
@@ -588,7 +602,7 @@ class Recipe(_Section):
         (``fp32``, ``bf16``, ``fp16``, ``int8``, ``int4``, ``int2``, ``w8a8``, ``w4a8``).
     """
 
-    name: str = _field("recipe", _str())
+    name: str = _field("recipe", _file_name())
     data: DataConfig = dataclasses.field(default_factory=DataConfig, metadata={"check": _section(DataConfig)})
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig, metadata={"check": _section(ModelConfig)})
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig, metadata={"check": _section(TrainConfig)})

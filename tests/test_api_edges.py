@@ -59,3 +59,40 @@ def test_strict_on_an_already_quantized_tree_is_a_no_op():
     assert again["Dense_0"]["kernel"] is q["Dense_0"]["kernel"]
     with pytest.raises(ValueError, match="matched no leaf"):
         jaxq.quantize(q, jaxq.Rule("nothing_here", "int8"), strict=True)
+
+
+def test_w8a8_long_contraction_does_not_wrap():
+    """127 * 127 * K exceeds 2**31 - 1 from K = 133,145 on: the int32 accumulation is split, not wrapped."""
+    from jaxq.ops.qmatmul import _INT32_SAFE_K, choose_impl, qmatmul
+
+    k = 140_000
+    x = jnp.full((1, k), 127.0, jnp.float32)  # per-token int8 scale 1: the codes are x itself
+    w = jnp.full((k, 2), 127.0, jnp.float32).at[:, 1].set(-127.0)  # per-channel scale 1, codes +-127
+    qw = jaxq.quantize_array(w, jaxq.QuantSpec("int8"), act_spec=jaxq.QuantSpec("int8", granularity="per_token"))
+    got = np.asarray(qmatmul(x, qw), np.float64)
+    ref = np.array([[127.0 * 127.0 * k, -127.0 * 127.0 * k]])
+    assert 127 * 127 * k > 2**31 - 1
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert choose_impl(1, k, 2, qw.meta, qw.meta.act_spec, None) == "xla"
+    with pytest.raises(ValueError, match="overflows for K = 140000"):
+        choose_impl(1, k, 2, qw.meta, qw.meta.act_spec, "pallas")
+    assert k > _INT32_SAFE_K
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", ".."])
+def test_recipe_names_cannot_leave_the_output_folder(name):
+    from jaxq.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match="names become file names"):
+        parse_recipe({"name": name})
+    with pytest.raises(RecipeError, match="names become file names"):
+        parse_recipe({"strategies": [{"name": name, "precision": "int8"}]})
+
+
+def test_version_flag(capsys):
+    from jaxq.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"jaxq {jaxq.__version__}"

@@ -236,17 +236,39 @@ def _weight_only_xla(x2: jax.Array, w: QArray, out_dtype) -> jax.Array:
     return jnp.sum(_scaled(acc, sx, scale, w), axis=1).astype(out_dtype)
 
 
+def _int32_safe_dot(xq: jax.Array, codes: jax.Array) -> jax.Array:
+    """``xq @ codes`` of int8 operands as float32, accumulated in int32 without wrapping.
+
+    Up to ``_INT32_SAFE_K`` contraction rows one int32 dot cannot overflow. Beyond that the
+    contraction is cut into chunks of at most that many rows (zero-padded), each summed exactly in
+    int32, and the chunks are added in float32.
+    """
+    m, k = xq.shape
+    if k <= _INT32_SAFE_K:
+        return jax.lax.dot_general(xq, codes, (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.int32).astype(jnp.float32)
+    chunks = -(-k // _INT32_SAFE_K)
+    c = -(-k // chunks)
+    pad = chunks * c - k
+    xq = jnp.pad(xq, ((0, 0), (0, pad))).reshape(m, chunks, c)
+    codes = jnp.pad(codes, ((0, pad), (0, 0))).reshape(chunks, c, -1)
+    acc = jnp.einsum("mCc,CcN->mCN", xq, codes, preferred_element_type=jnp.int32)
+    return jnp.sum(acc.astype(jnp.float32), axis=1)
+
+
 def _w8a8_xla(xq: jax.Array, x_scale: jax.Array, w: QArray, out_dtype) -> jax.Array:
     codes = w.codes
     scale, zp = w.scale.astype(jnp.float32), w.zero_point
     t = w.meta.tiling
     m, k = xq.shape
     if t.group_size is None:
-        acc = jax.lax.dot_general(xq, codes, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
-        acc = acc.astype(jnp.float32)
+        acc = _int32_safe_dot(xq, codes)
         sx = None if zp is None else jnp.sum(xq.astype(jnp.int32), axis=1, keepdims=True).astype(jnp.float32)
         return (_scaled(acc, sx, scale, w) * x_scale).astype(out_dtype)
     g = t.group_size
+    if g > _INT32_SAFE_K:
+        raise ValueError(f"W8A8 groups of {g} rows can overflow the int32 accumulator (at most {_INT32_SAFE_K}); "
+                         "use smaller groups or per-channel scales")
     xg = xq.reshape(m, k // g, g)
     acc = jnp.einsum("mGg,GgN->mGN", xg, codes.reshape(k // g, g, -1), preferred_element_type=jnp.int32)
     acc = acc.astype(jnp.float32)
@@ -264,7 +286,12 @@ def choose_impl(m: int, k: int, n: int, meta: QMeta, act_spec: QuantSpec | None,
     if impl is not None:
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS} or None, got {impl!r}")
+        if impl != "xla" and act_spec is not None and k > _INT32_SAFE_K:
+            raise ValueError(f"W8A8 kernels accumulate in int32, which overflows for K = {k} > {_INT32_SAFE_K} "
+                             "contraction rows; use impl='xla' (it splits the contraction) or impl=None")
         return impl
+    if act_spec is not None and k > _INT32_SAFE_K:
+        return "xla"  # the kernels' int32 accumulators could wrap; XLA's path splits the contraction
     try:
         from jaxq.kernels import dispatch as kernel_dispatch  # optional: kernels may be absent
     except ImportError:
