@@ -100,33 +100,26 @@ def setup(model: str, args: argparse.Namespace):
     return lm, np.asarray(toks), "\n".join(stories), 128, None
 
 
-def block_bits(params: Any) -> float:
-    from benchmarks.lm_quality import block_bits as bb
+def kernel_policy(lm: Any, spec_of: Any, name: str) -> Any:
+    """Exact-path rules giving every block kernel ``spec_of(block index)`` (group sizes fitted)."""
+    import jaxq
+    from jaxq.algorithms.sensitivity import leaf_spec
 
-    return bb(params)
+    rules = []
+    for layer in jaxq.algorithms.quantizable_layers(lm.params, jaxq.lm.auto.BLOCK_KERNELS):
+        block = int(layer.path.split("/")[0].split("_")[1])
+        rules.append(jaxq.Rule(f"^{layer.path}$", leaf_spec(jaxq.spec.as_spec(spec_of(block)), layer)))
+    return jaxq.Policy(tuple(rules), name=name)
 
 
 def heuristic_policy(lm: Any) -> Any:
     """First and last blocks int8 (per channel), every other block kernel int4-g128 (fitted)."""
-    import jaxq
-
     last = lm.config.num_layers - 1
-    rules = []
-    for layer in jaxq.algorithms.quantizable_layers(lm.params, jaxq.lm.auto.BLOCK_KERNELS):
-        i = int(layer.path.split("/")[0].split("_")[1])
-        spec = jaxq.spec.as_spec("int8" if i in (0, last) else "int4-g128")
-        rules.append(jaxq.Rule(f"^{layer.path}$", jaxq.algorithms.sensitivity.leaf_spec(spec, layer)))
-    return jaxq.Policy(tuple(rules), name="first+last int8, rest int4-g128")
+    return kernel_policy(lm, lambda i: "int8" if i in (0, last) else "int4-g128", "first+last int8, rest int4-g128")
 
 
 def uniform_policy(lm: Any, name: str) -> Any:
-    import jaxq
-
-    rules = []
-    for layer in jaxq.algorithms.quantizable_layers(lm.params, jaxq.lm.auto.BLOCK_KERNELS):
-        spec = jaxq.algorithms.sensitivity.leaf_spec(jaxq.spec.as_spec(name), layer)
-        rules.append(jaxq.Rule(f"^{layer.path}$", spec))
-    return jaxq.Policy(tuple(rules), name=name)
+    return kernel_policy(lm, lambda i: name, name)
 
 
 def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -134,9 +127,9 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
     import jaxq
     import jaxq.lm
-    from jaxq.algorithms.auto_policy import _policy_objective
     from jaxq.algorithms.sensitivity import Evaluator, quantizable_layers, quantized_nbytes, rank_correlation
     from jaxq.algorithms.sequential import Recipe
+    from benchmarks.lm_quality import block_bits
 
     lm, calib, held_out, window, max_windows = setup(model, args)
     print(f"[{model}] calibration {calib.shape}, held-out window {window}", flush=True)
@@ -156,8 +149,8 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # the calibration objective of a policy (RTN), for the additivity check (first 8 windows: the
     # float reference's log-probabilities are cached, 4 x 256 x vocab floats per batch)
-    fn_params = jaxq.lm.auto._setup(lm, calib[:8], 4)
-    ev = Evaluator(fn_params[0], fn_params[1], fn_params[2], "kl")
+    cal = jaxq.lm.auto.calibration(lm, calib[:8], 4)
+    ev = Evaluator(cal.fn, cal.params, cal.batches, "kl")
 
     rows: list[dict[str, Any]] = []
     ref_lm = lm
@@ -176,7 +169,7 @@ def run_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
                        choices={c: sum(r.choice == c for r in report.layers) for c in CANDIDATES})
 
         if method == "rtn":
-            row["calib_kl"] = _policy_objective(ev, fn_params[1], policy)
+            row["calib_kl"] = ev.increase(jaxq.dequantize(jaxq.quantize(cal.params, policy)))
         rows.append(row)
         print(f"[{model}] {name:34s} {method:4s} bits {row['block_bits']:.3f} ppl {row['ppl']:.3f} "
               f"kl {row['kl']:.5f} top1 {row['top1']:.4f} ({dt:.0f} s)", flush=True)

@@ -21,8 +21,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from jaxq.algorithms.allocation import Allocation, solve_allocation
-from jaxq.algorithms.sensitivity import Evaluator, SensitivityTable, _fake_quant, _Tree, sensitivity_table
+from jaxq.algorithms.sensitivity import Evaluator, SensitivityTable, sensitivity_table
 from jaxq.policy import Policy, Rule
+from jaxq.quantize import dequantize, quantize
 from jaxq.spec import QuantSpec
 
 PyTree = Any
@@ -196,15 +197,7 @@ def policy_objective(
 
 
 def _policy_objective(ev: Evaluator, params: PyTree, policy: Policy) -> float:
-    tree = _Tree(params)
-    new = {}
-    for path, leaf in zip(tree.paths, tree.leaves):
-        if not hasattr(leaf, "shape"):
-            continue
-        spec = policy.weight_spec(path, len(leaf.shape))
-        if isinstance(spec, QuantSpec) and spec.fmt.kind != "none":
-            new[path] = _fake_quant(leaf, spec)
-    return ev(tree.with_leaves(new)) - ev.baseline
+    return ev.increase(dequantize(quantize(params, policy)))
 
 
 def auto_policy(

@@ -183,10 +183,7 @@ def quantized_nbytes(spec: QuantSpec | None, layer: Layer) -> int:
         return layer.float_bytes
     out = jax.eval_shape(lambda x: quantize_array(x, spec, where=layer.path),
                          jax.ShapeDtypeStruct(layer.shape, layer.dtype))
-    if not isinstance(out, QArray):
-        return layer.float_bytes
-    return int(sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
-                   for a in (out.values, out.scale, out.zero_point) if a is not None))
+    return out.nbytes if isinstance(out, QArray) else layer.float_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +310,10 @@ class Evaluator:
                 total += float(out)
         return total / len(self.batches)
 
+    def increase(self, params: PyTree) -> float:
+        """The objective of ``params`` minus the float model's."""
+        return self(params) - self.baseline
+
 
 def _fill(items, candidates, specs, score: Callable[[tuple[Layer, ...], tuple[QuantSpec, ...]], float],
           bar: Progress | None = None) -> np.ndarray:
@@ -334,7 +335,7 @@ def measured_values(ev: Evaluator, tree: _Tree, items, candidates, specs, progre
 
     def score(item, per):
         new = {layer.path: _fake_quant(tree.get(layer.path), s) for layer, s in zip(item, per)}
-        return ev(tree.with_leaves(new)) - ev.baseline
+        return ev.increase(tree.with_leaves(new))
 
     bar = Progress(len(items), "sensitivity (measured)", progress, unit="layer")
     try:

@@ -10,7 +10,7 @@ distributions from the float model's on the calibration windows. The chosen poli
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +29,17 @@ DEFAULT_CANDIDATES = ("bf16", "int8", "int4-g32", "int4-g128", "int3-g64", "int2
 BLOCK_KERNELS = r"^layers_\d+/.*kernel$"
 
 
-def _setup(lm: LM, calib_tokens: np.ndarray | None, batch_size: int):
+class Calibration(NamedTuple):
+    """The objective's pieces for one LM: its logits function, float params, batches and tokens."""
+
+    fn: Callable[[Any, Any], Any]
+    params: Any
+    batches: list[Any]
+    tokens: np.ndarray
+
+
+def calibration(lm: LM, calib_tokens: np.ndarray | None = None, batch_size: int = 4) -> Calibration:
+    """``lm``'s float params (dequantized once), its logits function and ``[batch_size, T]`` batches."""
     tokens = calibration_tokens(lm) if calib_tokens is None else np.asarray(calib_tokens, np.int32)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise ValueError(f"calib_tokens must be int32 [N, T] windows with N >= 1, got shape {tokens.shape}")
@@ -40,7 +50,19 @@ def _setup(lm: LM, calib_tokens: np.ndarray | None, batch_size: int):
     def logits(p: Any, toks: Any) -> Any:
         return module.apply({"params": p}, toks)
 
-    return logits, params, batches, tokens
+    return Calibration(logits, params, batches, tokens)
+
+
+def _table(lm: LM, cal: Calibration, candidates, estimator, groups, batch_size, progress, seed,
+           gptq_aware) -> SensitivityTable:
+    table = sensitivity_table(cal.fn, cal.params, cal.batches, candidates=candidates, objective="kl",
+                              estimator=estimator, groups=groups, include=BLOCK_KERNELS, seed=seed, progress=progress)
+    if gptq_aware:
+        t0 = time.perf_counter()
+        ratios = gptq_error_ratios(lm.module, cal.params, jnp.asarray(cal.tokens), table, batch_size=batch_size,
+                                   progress=progress)
+        table = with_gptq_ratios(table, ratios, time.perf_counter() - t0)
+    return table
 
 
 def lm_sensitivity(
@@ -61,15 +83,8 @@ def lm_sensitivity(
     that format (:mod:`jaxq.algorithms.gptq_sensitivity`): the table to allocate with when GPTQ
     will quantize the model. It costs one GPTQ solve per kernel and candidate.
     """
-    fn, params, batches, tokens = _setup(lm, calib_tokens, batch_size)
-    table = sensitivity_table(fn, params, batches, candidates=candidates, objective="kl", estimator=estimator,
-                              groups=groups, include=BLOCK_KERNELS, seed=seed, progress=progress)
-    if gptq_aware:
-        t0 = time.perf_counter()
-        ratios = gptq_error_ratios(lm.module, params, jnp.asarray(tokens), table, batch_size=batch_size,
-                                   progress=progress)
-        table = with_gptq_ratios(table, ratios, time.perf_counter() - t0)
-    return table
+    return _table(lm, calibration(lm, calib_tokens, batch_size), candidates, estimator, groups, batch_size, progress,
+                  seed, gptq_aware)
 
 
 def lm_auto_policy(
@@ -93,11 +108,9 @@ def lm_auto_policy(
     windows. Pass ``table`` (from :func:`lm_sensitivity`) to solve several budgets from one pass;
     ``gptq_aware`` as in :func:`lm_sensitivity` (for a model GPTQ will quantize).
     """
+    cal = calibration(lm, calib_tokens, batch_size)
     if table is None:
-        table = lm_sensitivity(lm, candidates=candidates, calib_tokens=calib_tokens, estimator=estimator,
-                               groups=groups, batch_size=batch_size, progress=progress, seed=seed,
-                               gptq_aware=gptq_aware)
-    fn, params, batches, _ = _setup(lm, calib_tokens, batch_size)
-    return auto_policy(fn, params, batches, candidates=candidates, budget=budget, objective="kl", groups=groups,
+        table = _table(lm, cal, candidates, estimator, groups, batch_size, progress, seed, gptq_aware)
+    return auto_policy(cal.fn, cal.params, cal.batches, candidates=candidates, budget=budget, objective="kl", groups=groups,
                        estimator=estimator, include=BLOCK_KERNELS, verify=verify, table=table, seed=seed,
                        progress=progress)
